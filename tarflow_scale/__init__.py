@@ -1,0 +1,18 @@
+"""tarflow_scale: distributed TarFlow training, evaluation and export."""
+
+from .config import RunConfig, TarFlowConfig, load_config
+from .flow import NULL_LABEL, FlowBlock, TarFlow, patchify, unpatchify
+from .likelihood import LOG_BIN_WIDTH_8BIT, bits_per_dim
+
+__all__ = [
+    "LOG_BIN_WIDTH_8BIT",
+    "NULL_LABEL",
+    "FlowBlock",
+    "RunConfig",
+    "TarFlow",
+    "TarFlowConfig",
+    "bits_per_dim",
+    "load_config",
+    "patchify",
+    "unpatchify",
+]

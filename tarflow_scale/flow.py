@@ -1,0 +1,244 @@
+"""The TarFlow model: patchify, a stack of autoregressive flow blocks, a Gaussian prior (arXiv 2412.06329)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .config import TarFlowConfig
+from .likelihood import GaussianPrior, bits_per_dim
+from .transformer import KVCache, LayerNorm32, TransformerLayer
+from .transforms import TokenTransform, build_transform
+
+NULL_LABEL = -1  # label value meaning "no class": unconditional sampling, or a label dropped in training
+
+
+def patchify(x: Tensor, patch_size: int) -> Tensor:
+    """(B, C, H, W) -> (B, T, D) with T = (H/p)(W/p) patches in raster order and D = C p^2."""
+    B, C, H, W = x.shape
+    p = patch_size
+    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, H/p, W/p, C, p, p)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(tokens: Tensor, patch_size: int, channels: int, image_size: int) -> Tensor:
+    """Exact inverse of `patchify`: (B, T, D) -> (B, C, H, W)."""
+    B = tokens.shape[0]
+    p, n = patch_size, image_size // patch_size
+    x = tokens.reshape(B, n, n, channels, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, H/p, p, W/p, p)
+    return x.reshape(B, channels, image_size, image_size)
+
+
+class FlowBlock(nn.Module):
+    """One autoregressive flow block: z_t = f(x_t; theta_t(x_<t)) along this block's token order.
+
+    The block's order is the identity or the reversed sequence (alternating over blocks, TarFlow Sec. 2.2),
+    so every token gets to condition on every other across the stack. A causal Transformer reads the tokens;
+    its outputs are shifted one position right, so token t's parameters depend only on tokens < t and token 0
+    gets zero parameters, i.e. the identity. That keeps the Jacobian triangular in block order and its
+    log-determinant the plain sum of per-element log-derivatives.
+    """
+
+    def __init__(self, config: TarFlowConfig, transform: TokenTransform, reverse_order: bool):
+        super().__init__()
+        C, D, T = config.channels, config.token_dim, config.num_tokens
+        self.config = config
+        self.transform = transform
+        self.reverse_order = reverse_order
+        self.proj_in = nn.Linear(D, C)
+        self.pos_embed = nn.Parameter(torch.randn(T, C) * 0.02)
+        if config.num_classes:
+            num_rows = config.num_classes + (1 if config.null_label == "learned" else 0)
+            self.class_embed = nn.Parameter(torch.randn(num_rows, C) * 0.02)
+        self.layers = nn.ModuleList(
+            TransformerLayer(C, config.head_dim, config.mlp_ratio) for _ in range(config.layers_per_block)
+        )
+        self.norm_out = LayerNorm32(C)
+        self.proj_out = nn.Linear(C, D * transform.num_params)
+        # Zero output projection: every block starts as the identity map (stable deep stacks).
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def permute(self, tokens: Tensor) -> Tensor:
+        """Into (and, being an involution, back out of) this block's token order."""
+        return tokens.flip(1) if self.reverse_order else tokens
+
+    def label_embedding(self, y: Tensor | None, batch: int, like: Tensor) -> Tensor | float:
+        """(B, 1, C) class vectors; NULL_LABEL rows get the learned null vector or the classes' mean."""
+        if not self.config.num_classes:
+            if y is not None:
+                raise ValueError("labels given to an unconditional model (model.num_classes=0)")
+            return 0.0
+        num_classes = self.config.num_classes
+        if self.config.null_label == "learned":
+            null = self.class_embed[num_classes]
+        else:
+            null = self.class_embed[:num_classes].mean(0)
+        if y is None:
+            return null.to(like.dtype).expand(batch, 1, -1)
+        if y.shape != (batch,):
+            raise ValueError(f"labels must have shape ({batch},), got {tuple(y.shape)}")
+        is_null = (y == NULL_LABEL).unsqueeze(-1)
+        rows = self.class_embed[y.clamp(min=0)]
+        return torch.where(is_null, null, rows).to(like.dtype).unsqueeze(1)
+
+    def _head(self, h: Tensor) -> Tensor:
+        """Transformer output (B, T', C) -> transform parameters (B, T', D, P)."""
+        return self.proj_out(self.norm_out(h)).unflatten(
+            -1, (self.config.token_dim, self.transform.num_params)
+        )
+
+    def transform_params(self, x: Tensor, y: Tensor | None = None, attn_temp: Tensor | None = None) -> Tensor:
+        """Parameters of every token's transform from a full causal pass. x: (B, T, D) in block order.
+
+        Returns (B, T, D, P); row t depends only on x[:, :t] (row 0 is zero).
+        """
+        h = self.proj_in(x) + self.pos_embed.to(x.dtype) + self.label_embedding(y, x.shape[0], x)
+        for layer in self.layers:
+            h = layer(h, attn_temp)
+        params = self._head(h)
+        # TarFlow Sec. 3: the shift by one keeps the Jacobian triangular; token 0 gets the identity.
+        return torch.cat([torch.zeros_like(params[:, :1]), params[:, :-1]], dim=1)
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x: (B, T, D) tokens -> z (B, T, D), log|det dz/dx| (B,) in nats."""
+        x = self.permute(x)
+        z, log_det = self.transform.forward(x, self.transform_params(x, y))
+        return self.permute(z), log_det.flatten(1).sum(1)
+
+    def inverse(
+        self,
+        z: Tensor,
+        y: Tensor | None = None,
+        guidance: float = 0.0,
+        guidance_annealed: bool = False,
+        attn_temp: float = 1.0,
+    ) -> Tensor:
+        """Exact inverse, token by token with a preallocated KV cache. z: (B, T, D) -> x (B, T, D).
+
+        With guidance w != 0 the conditional pass (labels y, temperature 1) and the guiding pass (null labels,
+        temperature `attn_temp`) run as one batch of 2B; the transform's parameters become
+        p_c + w_t (p_c - p_u), with w_t = w (t / (T - 1)) when annealed. For an unconditional model both passes
+        differ only by the attention temperature (TarFlow Sec. 2.5).
+        """
+        z = self.permute(z)
+        B, T, _ = z.shape
+        guided = guidance != 0.0
+        labels, temps = y, None
+        if guided:
+            uncond = None if not self.config.num_classes else torch.full((B,), NULL_LABEL, device=z.device)
+            if self.config.num_classes:
+                cond = y if y is not None else uncond
+                labels = torch.cat([cond, uncond])
+            ones = torch.ones(B, device=z.device, dtype=z.dtype)
+            temps = torch.cat([ones, ones * attn_temp])
+        batch = 2 * B if guided else B
+        cache = KVCache.allocate(
+            len(self.layers), batch, self.config.channels // self.config.head_dim, T, self.config.head_dim, z
+        )
+        cond_embed = self.label_embedding(labels, batch, z)
+        x = z.clone()  # x[:, 0] = z[:, 0]: token 0 is the identity
+        for t in range(T - 1):
+            token = x[:, t : t + 1]
+            if guided:
+                token = torch.cat([token, token])
+            h = self.proj_in(token) + self.pos_embed[t].to(z.dtype) + cond_embed
+            for index, layer in enumerate(self.layers):
+                h = layer.step(h, t, cache, index, temps)
+            params = self._head(h)[:, 0]  # (batch, D, P): parameters of token t + 1
+            if guided:
+                weight = guidance * (t + 1) / (T - 1) if guidance_annealed else guidance
+                params = self.transform.guide(*params.chunk(2), weight)
+            x[:, t + 1] = self.transform.inverse(z[:, t + 1], params)
+        return self.permute(x)
+
+
+class TarFlow(nn.Module):
+    """Transformer autoregressive flow over image patches, with an exact log-likelihood and exact sampling.
+
+    >>> model = TarFlow(TarFlowConfig(image_size=8, patch_size=2, channels=32, num_blocks=2))
+    >>> x = torch.randn(4, 3, 8, 8)
+    >>> z, log_det = model(x)            # z (4, 3, 8, 8); log_det (4,) in nats
+    >>> torch.allclose(model.inverse(z), x, atol=1e-5)
+    True
+    """
+
+    def __init__(self, config: TarFlowConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.transform = build_transform(config)
+        self.blocks = nn.ModuleList(
+            FlowBlock(config, self.transform, reverse_order=bool(k % 2)) for k in range(config.num_blocks)
+        )
+        shape = (config.in_channels, config.image_size, config.image_size)
+        self.prior = GaussianPrior(shape, learned=config.prior == "learned")
+
+    @property
+    def num_dims(self) -> int:
+        return self.config.num_dims
+
+    def _check_input(self, x: Tensor) -> None:
+        c = self.config
+        expected = (c.in_channels, c.image_size, c.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"expected images of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
+            )
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x: (B, C, H, W) -> z (B, C, H, W), log|det dz/dx| (B,) in nats, summed over all blocks."""
+        self._check_input(x)
+        c = self.config
+        tokens = patchify(x, c.patch_size)
+        log_det = torch.zeros(x.shape[0], device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+        for block in self.blocks:
+            tokens, block_log_det = block(tokens, y)
+            log_det = log_det + block_log_det
+        return unpatchify(tokens, c.patch_size, c.in_channels, c.image_size), log_det
+
+    def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """log p(x) in nats per sample (B,): log N(z) + log|det dz/dx| (change of variables)."""
+        z, log_det = self(x, y)
+        return self.prior.log_prob(z) + log_det
+
+    def bits_per_dim(self, x: Tensor, y: Tensor | None = None, log_bin_width: float | None = None) -> Tensor:
+        """(B,) bits per dimension; pass LOG_BIN_WIDTH_8BIT for dequantized 8-bit data in [-1, 1]."""
+        return bits_per_dim(self.log_prob(x, y), self.num_dims, log_bin_width)
+
+    @torch.no_grad()
+    def inverse(
+        self,
+        z: Tensor,
+        y: Tensor | None = None,
+        guidance: float = 0.0,
+        guidance_annealed: bool = False,
+        attn_temp: float = 1.0,
+    ) -> Tensor:
+        """Exact inverse of `forward`: z (B, C, H, W) -> x (B, C, H, W). See FlowBlock.inverse for guidance."""
+        self._check_input(z)
+        c = self.config
+        tokens = patchify(z, c.patch_size)
+        for block in reversed(self.blocks):
+            tokens = block.inverse(tokens, y, guidance, guidance_annealed, attn_temp)
+        return unpatchify(tokens, c.patch_size, c.in_channels, c.image_size)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n_or_z: int | Tensor,
+        y: Tensor | None = None,
+        guidance: float = 0.0,
+        guidance_annealed: bool = False,
+        attn_temp: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Draw images: z ~ prior (or the standard-normal noise given as `n_or_z`, scaled by the prior), then invert."""
+        c = self.config
+        if isinstance(n_or_z, int):
+            param = next(self.parameters())
+            shape = (n_or_z, c.in_channels, c.image_size, c.image_size)
+            eps = torch.randn(shape, generator=generator, device=param.device, dtype=param.dtype)
+        else:
+            eps = n_or_z
+        return self.inverse(self.prior.scale(eps), y, guidance, guidance_annealed, attn_temp)

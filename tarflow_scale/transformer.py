@@ -1,0 +1,102 @@
+"""Causal pre-LayerNorm Transformer layers with an explicit, preallocated key/value cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in fp32 (or fp64) whatever the input dtype: bf16 statistics drift in deep flows."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype if x.dtype == torch.float64 else torch.float32
+        weight = None if self.weight is None else self.weight.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer of one block, preallocated for the whole sequence.
+
+    keys, values: (num_layers, B, num_heads, T, head_dim). Step t writes slot t in place and attends to
+    slots [0, t]: no per-step concatenation, no hidden module state.
+    """
+
+    keys: Tensor
+    values: Tensor
+
+    @classmethod
+    def allocate(
+        cls, num_layers: int, batch: int, num_heads: int, num_tokens: int, head_dim: int, like: Tensor
+    ) -> KVCache:
+        shape = (num_layers, batch, num_heads, num_tokens, head_dim)
+        return cls(like.new_empty(shape), like.new_empty(shape))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, channels: int, head_dim: int):
+        super().__init__()
+        self.num_heads = channels // head_dim
+        self.head_dim = head_dim
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+
+    def _split_heads(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, _ = h.shape
+        q, k, v = self.qkv(h).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return q, k, v  # each (B, nh, T, hd)
+
+    def _merge_heads(self, out: Tensor) -> Tensor:
+        B, _, T, _ = out.shape
+        return self.proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    @staticmethod
+    def _apply_temperature(q: Tensor, attn_temp: Tensor | None) -> Tensor:
+        # Dividing q by the temperature divides every logit q.k: per-sample temperatures (B,) let the
+        # conditional and temperature-guided passes share one batch.
+        return q if attn_temp is None else q / attn_temp.view(-1, 1, 1, 1).to(q.dtype)
+
+    def forward(self, h: Tensor, attn_temp: Tensor | None = None) -> Tensor:
+        """Full causal pass. h: (B, T, C)."""
+        q, k, v = self._split_heads(h)
+        q = self._apply_temperature(q, attn_temp)
+        return self._merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    def step(
+        self, h: Tensor, pos: int, cache: KVCache, layer: int, attn_temp: Tensor | None = None
+    ) -> Tensor:
+        """One token at position `pos` attending to cached positions [0, pos]. h: (B, 1, C)."""
+        q, k, v = self._split_heads(h)
+        cache.keys[layer, :, :, pos] = k[:, :, 0]
+        cache.values[layer, :, :, pos] = v[:, :, 0]
+        q = self._apply_temperature(q, attn_temp)
+        keys = cache.keys[layer, :, :, : pos + 1]
+        values = cache.values[layer, :, :, : pos + 1]
+        return self._merge_heads(F.scaled_dot_product_attention(q, keys, values))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-LN residual layer: h + Attn(LN(h)), then h + MLP(LN(h))."""
+
+    def __init__(self, channels: int, head_dim: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(channels * mlp_ratio)
+        self.attn_norm = LayerNorm32(channels)
+        self.attn = CausalSelfAttention(channels, head_dim)
+        self.mlp_norm = LayerNorm32(channels)
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels))
+
+    def forward(self, h: Tensor, attn_temp: Tensor | None = None) -> Tensor:
+        h = h + self.attn(self.attn_norm(h), attn_temp)
+        return h + self.mlp(self.mlp_norm(h))
+
+    def step(
+        self, h: Tensor, pos: int, cache: KVCache, layer: int, attn_temp: Tensor | None = None
+    ) -> Tensor:
+        h = h + self.attn.step(self.attn_norm(h), pos, cache, layer, attn_temp)
+        return h + self.mlp(self.mlp_norm(h))

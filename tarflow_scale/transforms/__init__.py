@@ -1,0 +1,31 @@
+"""Per-token monotonic transforms for TarFlow blocks, and the factory that picks one from the config."""
+
+from __future__ import annotations
+
+from ..config import TarFlowConfig
+from .affine import AffineTransform, VolumePreservingAffineTransform
+from .base import TokenTransform, at_least_fp32
+
+__all__ = [
+    "AffineTransform",
+    "TokenTransform",
+    "VolumePreservingAffineTransform",
+    "at_least_fp32",
+    "build_transform",
+]
+
+
+def build_transform(config: TarFlowConfig) -> TokenTransform:
+    if config.transform == "affine":
+        return AffineTransform()
+    if config.transform == "affine_vp":
+        return VolumePreservingAffineTransform()
+    if config.transform == "spline":
+        from .spline import RationalQuadraticSplineTransform
+
+        return RationalQuadraticSplineTransform(num_bins=config.num_bins, bound=config.spline_bound)
+    if config.transform == "mixture":
+        from .mixture import MixtureCDFTransform
+
+        return MixtureCDFTransform(num_components=config.num_components)
+    raise ValueError(f"model.transform={config.transform!r} is not one of affine, affine_vp, spline, mixture")

@@ -1,0 +1,106 @@
+"""Config loading: defaults -> YAML -> dotted overrides, typed and validated, errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tarflow_scale.config import (
+    ConfigError,
+    RunConfig,
+    TarFlowConfig,
+    dump_config,
+    load_config,
+    model_config_from_dict,
+    parse_overrides,
+    to_dict,
+)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_override_order_defaults_then_yaml_then_cli(tmp_path):
+    path = write(tmp_path, "model:\n  channels: 128\n  num_blocks: 6\ntrain:\n  num_steps: 5\n")
+    config = load_config(path, ["model.channels=256", "run_dir=/tmp/x"])
+    assert config.model.channels == 256  # CLI beats YAML
+    assert config.model.num_blocks == 6  # YAML beats defaults
+    assert config.model.patch_size == TarFlowConfig().patch_size  # untouched default
+    assert config.train.num_steps == 5 and config.run_dir == "/tmp/x"
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = write(tmp_path, "model:\n  chanels: 128\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: unknown config key model\.chanels"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"unknown config key train\.num_step\b"):
+        load_config(None, ["train.num_step=3"])
+
+
+def test_wrong_type_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.channels: expected an integer, got 'wide'"):
+        load_config(None, ["model.channels=wide"])
+    with pytest.raises(ConfigError, match=r"model\.transform: 'splines' is not one of"):
+        load_config(None, ["model.transform=splines"])
+    with pytest.raises(ConfigError, match=r"data\.hflip: expected true/false"):
+        load_config(write(tmp_path, "data:\n  hflip: 3\n"))
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        parse_overrides(["model.channels"])
+
+
+def test_cross_field_validation():
+    with pytest.raises(ConfigError, match="global_batch_size=30 is not divisible"):
+        load_config(
+            None, ["train.global_batch_size=30", "train.micro_batch_size=16", "cluster.num_workers=2"]
+        )
+    with pytest.raises(ConfigError, match="not divisible by model.patch_size"):
+        load_config(None, ["model.image_size=15"])
+    with pytest.raises(ConfigError, match="needs model.prior=learned"):
+        load_config(None, ["model.transform=affine_vp"])
+    config = load_config(
+        None, ["train.global_batch_size=64", "train.micro_batch_size=8", "cluster.num_workers=2"]
+    )
+    assert config.grad_accum_steps == 4
+
+
+def test_missing_and_malformed_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="does-not-exist.yaml does not exist"):
+        load_config(tmp_path / "does-not-exist.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [unclosed\n"))
+
+
+def test_dump_round_trip(tmp_path):
+    config = load_config(None, ["model.channels=96", "optim.betas=[0.8, 0.9]", "eval.jobs=[bpd]"])
+    dump_config(config, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == config
+    assert again.optim.betas == (0.8, 0.9)
+    assert model_config_from_dict(to_dict(config)["model"]) == config.model
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+
+
+def test_required_overrides_are_accepted():
+    config = load_config(
+        CONFIG_DIR / "tiny.yaml",
+        [
+            "run_dir=/tmp/r",
+            "train.num_steps=3",
+            "cluster.num_workers=1",
+            "deepspeed.zero_stage=3",
+            "data.path=/d",
+        ],
+    )
+    assert (config.run_dir, config.train.num_steps, config.cluster.num_workers) == ("/tmp/r", 3, 1)
+    assert (config.deepspeed.zero_stage, config.data.path) == (3, "/d")
