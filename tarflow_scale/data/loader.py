@@ -1,0 +1,309 @@
+"""Training (endless, resampled, per-rank seeded) and evaluation (exactly once) loaders over the shards."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from torch import Tensor
+
+from ..config import DataConfig
+from .bundled import resolve_data_path
+from .manifest import DataError, Manifest, join, read_manifest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataStats:
+    """Loader counters for the training metrics, kept in the main process: workers send their counts along
+    with each batch, so nothing is lost across DataLoader processes."""
+
+    batches: int = 0
+    samples: int = 0
+    skipped: int = 0  # skip events so far: corrupt samples, unreadable or missing shards
+    last_error: str = ""  # what the latest skip was about
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"data/skipped": float(self.skipped), "data/samples": float(self.samples)}
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers; stable across processes and Python runs (unlike hash() of a str)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def _output_size(cfg: DataConfig, manifest: Manifest) -> int:
+    if cfg.image_size == 0:
+        return manifest.image_size
+    if cfg.image_size > manifest.image_size:
+        raise DataError(
+            f"data.image_size={cfg.image_size} is larger than the {manifest.image_size}x{manifest.image_size} "
+            f"images of {manifest.name}/{manifest.split}; the loader only downsamples"
+        )
+    return cfg.image_size
+
+
+def _resize(images: Tensor, size: int) -> Tensor:
+    """(B, C, S, S) uint8 -> (B, C, size, size) uint8 by area averaging (a box filter for integer factors,
+    as the downsampled ImageNet releases were made)."""
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images.float(), size=(size, size), mode="area").round_().to(torch.uint8)
+
+
+class _Decode:
+    """A shard sample -> ((C, H, W) uint8 tensor, int label, key); any problem is a DataError naming the shard
+    and the key."""
+
+    def __init__(self, channels: int, image_size: int):
+        self.shape = (image_size, image_size, channels)
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[Tensor, int, str]:
+        from PIL import Image
+
+        key, url = sample.get("__key__"), sample.get("__url__")
+        try:
+            with Image.open(io.BytesIO(sample["png"])) as im:
+                array = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+            label = int(sample["cls"])
+        except KeyError as e:
+            raise DataError(f"{url}: sample {key!r} has no {e.args[0]!r} field") from None
+        except Exception as e:  # PIL raises many types for damaged data
+            raise DataError(f"{url}: sample {key!r} is corrupt ({type(e).__name__}: {e})") from None
+        if array.shape != self.shape:
+            raise DataError(f"{url}: sample {key!r} is {array.shape} (H, W, C), the manifest says {self.shape}")
+        return torch.from_numpy(array.copy()).permute(2, 0, 1), label, key
+
+
+def _stack(samples: list[tuple[Tensor, int, str]]) -> tuple[Tensor, Tensor, list[str]]:
+    # One torch.stack per batch: no Python work per pixel.
+    images, labels, keys = zip(*samples)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(keys)
+
+
+def _describe(exn: Exception) -> str:
+    # webdataset appends the URL and stream to an exception's args, so str(exn) would repeat them.
+    detail = getattr(exn, "strerror", None) or (exn.args[0] if exn.args else "")
+    return f"{type(exn).__name__}: {detail}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+class _SkipCounter:
+    """webdataset handler for training: logs and counts a corrupt sample or shard, then carries on; raises once
+    `limit` happen in a row (the data is unusable, and resampling would otherwise spin forever)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.skipped = 0
+        self.in_a_row = 0
+        self.last_error = ""
+
+    def __call__(self, exn: Exception) -> bool:
+        if isinstance(exn, DataError):
+            message = str(exn)
+        else:  # webdataset appends the shard URL to the exception's args
+            url = exn.args[-1] if len(exn.args) > 1 and isinstance(exn.args[-1], str) else None
+            message = f"{url + ': ' if url else ''}unreadable shard data ({_describe(exn)})"
+        self.skipped += 1
+        self.in_a_row += 1
+        self.last_error = message
+        logger.warning("skipping corrupt training data: %s", message)
+        if self.in_a_row >= self.limit:
+            raise DataError(
+                f"{self.in_a_row} corrupt training samples/shards in a row (data.max_corrupt_in_a_row); "
+                f"the last: {message}"
+            ) from exn
+        return True
+
+    def decoded(self, item: Any) -> Any:
+        self.in_a_row = 0
+        return item
+
+
+class _TrainStream(torch.utils.data.IterableDataset):
+    """The per-worker training pipeline; every random choice comes from (seed parts, worker id)."""
+
+    def __init__(self, cfg: DataConfig, urls: list[str], manifest: Manifest, batch_size: int, seed_parts: tuple):
+        super().__init__()
+        self.cfg, self.urls, self.batch_size, self.seed_parts = cfg, urls, batch_size, seed_parts
+        self.decode = _Decode(manifest.channels, manifest.image_size)
+        self.out_size = _output_size(cfg, manifest)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, int, str]]:
+        info = torch.utils.data.get_worker_info()
+        base = _seed(*self.seed_parts, info.id if info is not None else 0)
+        counter = _SkipCounter(self.cfg.max_corrupt_in_a_row)
+        stages = [
+            # Shards drawn with replacement, endlessly: no epoch boundary at which ranks must agree.
+            wds.ResampledShards(self.urls, seed=base % 2**31, worker_seed=lambda: 0, deterministic=True),
+            wds.tarfile_to_samples(handler=counter),
+        ]
+        if self.cfg.shuffle_buffer > 1:
+            # Shuffle the still-encoded samples: the buffer costs bytes, not decoded pixels.
+            stages.append(
+                wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=random.Random(base + 1))
+            )
+        stages += [
+            wds.map(lambda s: counter.decoded(self.decode(s)), handler=counter),
+            wds.batched(self.batch_size, collation_fn=_stack, partial=False),
+        ]
+        generator = torch.Generator().manual_seed(base + 2)
+        reported = 0
+        for images, labels, _ in wds.DataPipeline(*stages):
+            if self.cfg.hflip:
+                flip = torch.rand(len(labels), generator=generator) < 0.5
+                images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            new = counter.skipped - reported
+            reported = counter.skipped
+            yield _resize(images, self.out_size), labels, new, counter.last_error if new else ""
+
+
+class TrainLoader:
+    """Endless (images uint8 (B, C, H, W), labels int64 (B,)) batches for one rank; see make_train_loader."""
+
+    def __init__(self, stream: _TrainStream, num_workers: int, stats: DataStats | None, manifest: Manifest):
+        self.stream, self.num_workers, self.stats, self.manifest = stream, num_workers, stats, manifest
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        loader = wds.WebLoader(self.stream, batch_size=None, num_workers=self.num_workers)
+        for images, labels, skipped, last_error in loader:
+            if self.stats is not None:
+                self.stats.batches += 1
+                self.stats.samples += len(labels)
+                self.stats.skipped += skipped
+                if last_error:
+                    self.stats.last_error = last_error
+            yield images, labels
+
+
+def make_train_loader(
+    cfg: DataConfig,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    stats: DataStats | None = None,
+) -> TrainLoader:
+    """Endless training batches for `rank`: shards resampled with replacement, a shuffle buffer, random
+    horizontal flips (cfg.hflip), downsampling to cfg.image_size; uint8, so noise is added on the device
+    (see `augment`).
+
+    Deterministic: the same (cfg, rank, world_size, seed) gives the same batch sequence each time it is
+    iterated, with cfg.num_workers worker processes too (each worker builds whole batches and the DataLoader
+    takes them round-robin); a different rank, seed or num_workers gives a different stream. A corrupt sample
+    or shard is skipped with a warning and counted in `stats.skipped`.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    root = resolve_data_path(cfg)
+    manifest = read_manifest(root, cfg.train_split)
+    urls = [join(root, shard) for shard in manifest.shards]
+    stream = _TrainStream(cfg, urls, manifest, batch_size, (cfg.seed, seed, rank, world_size))
+    return TrainLoader(stream, cfg.num_workers, stats, manifest)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+class _EvalStream(torch.utils.data.IterableDataset):
+    """One rank's share of the held-out split: samples with global index in [lo, hi), read from the shards
+    that hold them, divided among the DataLoader workers by shard (wds.split_by_worker)."""
+
+    def __init__(self, urls: list[str], manifest: Manifest, lo: int, hi: int, batch_size: int, out_size: int):
+        super().__init__()
+        self.lo, self.hi, self.batch_size, self.out_size = lo, hi, batch_size, out_size
+        self.decode = _Decode(manifest.channels, manifest.image_size)
+        self.shards = {
+            url: (offset, count)
+            for url, offset, count in zip(urls, manifest.shard_offsets, manifest.samples_per_shard)
+            if offset < hi and offset + count > lo
+        }
+
+    def _samples(self, shards: Iterator[dict[str, str]]) -> Iterator[tuple[Tensor, int, str]]:
+        for shard in shards:
+            url = shard["url"]
+            offset, expected = self.shards[url]
+            position, key = 0, None
+            try:
+                # The default handler re-raises: an evaluation must never drop data silently.
+                for sample in wds.tarfile_samples([{"url": url}]):
+                    key = sample["__key__"]
+                    if self.lo <= offset + position < self.hi:
+                        yield self.decode(sample)
+                    position += 1
+            except DataError:
+                raise
+            except Exception as e:
+                where = f"after sample {key!r}" if key is not None else "before its first sample"
+                raise DataError(f"{url}: unreadable shard ({where}): {_describe(e)}") from None
+            if position != expected:
+                raise DataError(f"{url}: holds {position} samples, the manifest says {expected}")
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, list[str]]]:
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(list(self.shards)),
+            wds.split_by_worker,
+            self._samples,
+            wds.batched(self.batch_size, collation_fn=_stack, partial=True),
+        )
+        for images, labels, keys in pipeline:
+            yield _resize(images, self.out_size), labels, keys
+
+
+class EvalLoader:
+    """One exact pass of (images uint8 (B, C, H, W), labels int64 (B,), keys) for one rank."""
+
+    def __init__(self, stream: _EvalStream | None, num_workers: int, manifest: Manifest, num_samples: int):
+        self.stream, self.num_workers, self.manifest = stream, num_workers, manifest
+        self.num_samples = num_samples  # this rank's share
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, list[str]]]:
+        if self.stream is None:
+            return
+        yield from wds.WebLoader(self.stream, batch_size=None, num_workers=self.num_workers)
+
+
+def make_eval_loader(
+    cfg: DataConfig,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    split: str | None = None,
+) -> EvalLoader:
+    """One pass over the held-out split (cfg.eval_split unless `split`) in which every sample is seen exactly
+    once across all ranks and their cfg.num_workers workers.
+
+    Rank r takes the samples with global index in [r*N//W, (r+1)*N//W), so ranks get N//W or N//W + 1 samples
+    even when a split has fewer shards than ranks (the bundled val set has 2); its workers share the shards
+    overlapping that range. Batches are per worker, so the last batch of each worker may be short and ranks
+    may see different numbers of batches: reduce across ranks after the pass, not per batch. Corrupt data,
+    a missing shard or a shard whose sample count differs from the manifest raises a DataError naming the
+    shard (and the key).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    root = resolve_data_path(cfg)
+    manifest = read_manifest(root, split or cfg.eval_split)
+    out_size = _output_size(cfg, manifest)
+    n = manifest.num_samples
+    lo, hi = rank * n // world_size, (rank + 1) * n // world_size
+    if lo == hi:
+        return EvalLoader(None, 0, manifest, 0)
+    urls = [join(root, shard) for shard in manifest.shards]
+    stream = _EvalStream(urls, manifest, lo, hi, batch_size, out_size)
+    # More workers than shards would only idle.
+    return EvalLoader(stream, min(cfg.num_workers, len(stream.shards)), manifest, hi - lo)
