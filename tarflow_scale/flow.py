@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from .config import TarFlowConfig
 from .likelihood import GaussianPrior, bits_per_dim
+from .mixing import build_mixer
 from .transformer import KVCache, LayerNorm32, TransformerLayer
 from .transforms import TokenTransform, build_transform
 
@@ -171,6 +172,14 @@ class TarFlow(nn.Module):
         self.blocks = nn.ModuleList(
             FlowBlock(config, self.transform, reverse_order=bool(k % 2)) for k in range(config.num_blocks)
         )
+        # mixers[k] mixes each token's features between blocks k and k + 1 (token-wise, so the next block's
+        # autoregressive structure is untouched). Empty for model.mixer=none: no state-dict keys, old
+        # checkpoints load with strict=True.
+        mixers = (
+            build_mixer(config.mixer, config.token_dim, config.mixer_factors, seed=k)
+            for k in range(config.num_blocks - 1)
+        )
+        self.mixers = nn.ModuleList(m for m in mixers if m is not None)
         shape = (config.in_channels, config.image_size, config.image_size)
         self.prior = GaussianPrior(shape, learned=config.prior == "learned")
 
@@ -187,20 +196,23 @@ class TarFlow(nn.Module):
             )
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x: (B, C, H, W) -> z (B, C, H, W), log|det dz/dx| (B,) in nats, summed over all blocks."""
+        """x: (B, C, H, W) -> z (B, C, H, W), log|det dz/dx| (B,) in nats, summed over all blocks and mixers."""
         self._check_input(x)
         c = self.config
         tokens = patchify(x, c.patch_size)
         log_det = torch.zeros(x.shape[0], device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
-        for block in self.blocks:
+        for k, block in enumerate(self.blocks):
             tokens, block_log_det = block(tokens, y)
             log_det = log_det + block_log_det
+            if k < len(self.mixers):
+                tokens, mixer_log_det = self.mixers[k](tokens)
+                log_det = log_det + mixer_log_det
         return unpatchify(tokens, c.patch_size, c.in_channels, c.image_size), log_det
 
     def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """log p(x) in nats per sample (B,): log N(z) + log|det dz/dx| (change of variables)."""
         z, log_det = self(x, y)
-        return self.prior.log_prob(z) + log_det
+        return self.prior(z) + log_det
 
     def bits_per_dim(self, x: Tensor, y: Tensor | None = None, log_bin_width: float | None = None) -> Tensor:
         """(B,) bits per dimension; pass LOG_BIN_WIDTH_8BIT for dequantized 8-bit data in [-1, 1]."""
@@ -219,8 +231,10 @@ class TarFlow(nn.Module):
         self._check_input(z)
         c = self.config
         tokens = patchify(z, c.patch_size)
-        for block in reversed(self.blocks):
-            tokens = block.inverse(tokens, y, guidance, guidance_annealed, attn_temp)
+        for k in reversed(range(len(self.blocks))):
+            if k < len(self.mixers):
+                tokens = self.mixers[k].inverse(tokens)
+            tokens = self.blocks[k].inverse(tokens, y, guidance, guidance_annealed, attn_temp)
         return unpatchify(tokens, c.patch_size, c.in_channels, c.image_size)
 
     @torch.no_grad()

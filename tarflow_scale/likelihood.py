@@ -36,8 +36,11 @@ class GaussianPrior(nn.Module):
         else:
             self.register_buffer("log_std", torch.zeros(shape), persistent=False)
 
-    def log_prob(self, z: Tensor) -> Tensor:
-        """z: (B, *shape) -> (B,) log-density in nats, computed in at least fp32."""
+    def forward(self, z: Tensor) -> Tensor:
+        """z: (B, *shape) -> (B,) log-density in nats, computed in at least fp32.
+
+        A module call (not a plain method) so ZeRO-3 gathers a learned log_std before use.
+        """
         z = z if z.dtype == torch.float64 else z.float()
         log_std = self.log_std.to(z.dtype)
         elementwise = -0.5 * (z * (-log_std).exp()) ** 2 - log_std - 0.5 * LOG_2PI
