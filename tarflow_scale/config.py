@@ -30,10 +30,10 @@ class ConfigError(ValueError):
 class TarFlowConfig:
     """Architecture of a TarFlow model (arXiv 2412.06329). Stored inside every checkpoint and export."""
 
-    image_size: int = 16  # H = W of the input, pixels
+    image_size: int = 64  # H = W of the input, pixels
     in_channels: int = 3
-    patch_size: int = 2  # p: a token is a p x p patch, D = C * p^2 values
-    channels: int = 64  # Transformer width
+    patch_size: int = 8  # p: a token is a p x p patch, D = C * p^2 values
+    channels: int = 128  # Transformer width
     num_blocks: int = 4  # flow blocks, each with its own causal Transformer
     layers_per_block: int = 2
     head_dim: int = 32
@@ -48,6 +48,11 @@ class TarFlowConfig:
     num_components: int = 4  # mixture: K logistics
     # Prior on z: standard normal, or a learned per-dimension variance (used with affine_vp).
     prior: Literal["standard", "learned"] = "standard"
+    # Invertible linear layer on each token's D features between consecutive blocks (tarflow_scale/mixing.py):
+    # none; a fixed random permutation (log-det 0); or CDFlow, W = D_0 C_0 ... C_{m-1} D_m with circulant C_j
+    # applied by FFT, identity at init. The blocks' sequence flip is kept either way (autoregressive order).
+    mixer: Literal["none", "permute", "cdflow"] = "none"
+    mixer_factors: int = 2  # cdflow: m circulant factors (and m + 1 diagonals), (2m + 1) D parameters per mixer
 
     @property
     def token_dim(self) -> int:
@@ -79,6 +84,8 @@ class TarFlowConfig:
             raise ConfigError("model.num_classes must be >= 0 (0 means unconditional)")
         if self.transform == "affine_vp" and self.prior != "learned":
             raise ConfigError("model.transform=affine_vp keeps volume, so it needs model.prior=learned")
+        if self.mixer_factors < 1:
+            raise ConfigError("model.mixer_factors must be >= 1")
 
 
 @dataclass
@@ -86,23 +93,38 @@ class DataConfig:
     """Where the shards are and how training samples are augmented."""
 
     # Folder holding `<name>-<split>-NNNNNN.tar` shards and their `<split>.json` manifest, or "bundled" for the
-    # small real dataset built from the photographs inside scikit-image / scikit-learn.
+    # small real dataset built from the photographs inside scikit-image / scikit-learn. Also a URL prefix
+    # webdataset opens ("https://host/dir"), or a template with {file} where the file name goes, e.g.
+    # "pipe:aws s3 cp s3://bucket/imagenet64/{file} -".
     path: str = "bundled"
     train_split: str = "train"
     eval_split: str = "val"
+    # Side of the images the loaders yield, pixels; must equal model.image_size. 0 keeps the shards' own size
+    # (64 for ImageNet64 and the bundled set); a smaller value area-downsamples in the loader workers (e.g.
+    # ImageNet64 shards -> 32x32 for a small model).
+    image_size: int = 0
     # Noise augmentation in the [-1, 1] pixel scale: "gaussian" (std noise_std) or "uniform" dequantization.
     noise: Literal["gaussian", "uniform", "none"] = "gaussian"
     noise_std: float = 0.05
     hflip: bool = True
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples per loader worker; 0 or 1: no shuffling beyond shard resampling
     num_workers: int = 1  # DataLoader processes per rank
     seed: int = 0
+    # Training skips corrupt samples and shards (counted, with a warning) but stops with an error after this
+    # many in a row: then the data is unreadable, not occasionally damaged.
+    max_corrupt_in_a_row: int = 100
 
     def validate(self) -> None:
         if self.noise == "gaussian" and self.noise_std <= 0:
             raise ConfigError("data.noise_std must be > 0 with data.noise=gaussian")
         if self.num_workers < 0:
             raise ConfigError("data.num_workers must be >= 0")
+        if self.image_size < 0:
+            raise ConfigError("data.image_size must be >= 0 (0 keeps the shards' size)")
+        if self.shuffle_buffer < 0:
+            raise ConfigError("data.shuffle_buffer must be >= 0")
+        if self.max_corrupt_in_a_row < 1:
+            raise ConfigError("data.max_corrupt_in_a_row must be >= 1")
 
 
 @dataclass
@@ -134,8 +156,8 @@ class DeepSpeedConfig:
     compile: bool = False
 
     def validate(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"deepspeed.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage={self.zero_stage} must be 1, 2 or 3")
 
 
 @dataclass
@@ -168,6 +190,8 @@ class TrainConfig:
     num_samples: int = 16
     max_nonfinite_in_a_row: int = 5
     seed: int = 0
+    resume_from: str = ""  # a checkpoint folder to start from when the run has none of its own yet
+    fault_at_step: int = 0  # chaos testing: the last rank kills its own process once at this step (0: never)
 
     def validate(self) -> None:
         if self.num_steps < 1:
@@ -178,21 +202,56 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Which evaluation jobs to run and how."""
+    """Which evaluation jobs `tarflow-eval` runs and how (tarflow_scale/evaluation/)."""
 
-    jobs: list[str] = field(default_factory=lambda: ["bpd", "sample"])  # bpd | sample | denoise | fid
-    batch_size: int = 64
-    num_samples: int = 64
-    seed: int = 0
-    guidance: float = 0.0
-    guidance_annealed: bool = False
-    attn_temp: float = 1.0
-    bpd_draws: int = 1  # dequantization draws per image
-    denoise_step: float = 1.0  # multiplier on the Tweedie step sigma^2 * score
-    fid_num_samples: int = 50_000
-    fid_reference: str = ""  # cached reference statistics (.npz); "" -> next to the data
-    inception_path: str = ""  # inception-2015-12-05.pt for offline clusters; "" -> clean-fid's default
-    num_workers: int = 1
+    # bpd: exact bits/dim on data.eval_split; sample: a PNG grid of num_samples; denoise: the same samples after
+    # one Tweedie step; fid_stats: (re)compute the FID reference statistics of data.train_split; fid: FID + KID.
+    jobs: list[Literal["bpd", "sample", "denoise", "fid_stats", "fid"]] = field(
+        default_factory=lambda: ["bpd", "sample"]
+    )
+    batch_size: int = 64  # per worker per forward pass: images sampled, scored or featurised at once
+    num_samples: int = 64  # sample/denoise: images in the grid (sample indices 0 .. num_samples - 1)
+    seed: int = 0  # sample k uses noise seeded by (seed, k); dequantization noise by (seed, image key, draw)
+    guidance: float = 0.0  # w: params p_c + w (p_c - p_u); 0 is plain (conditional) sampling
+    guidance_annealed: bool = False  # w_t = w t / (T - 1) over the tokens of each block
+    attn_temp: float = 1.0  # attention temperature of the guiding pass (unconditional guidance, TarFlow §2.5)
+    max_redraws: int = 10  # a non-finite sample is redrawn with a derived seed at most this many times, then error
+    bpd_draws: int = 1  # K: dequantization draws per image; the per-image BPD is their mean
+    # Gaussian noise std (on [-1, 1]) the Tweedie step removes; 0: the checkpoint's training data.noise_std.
+    denoise_noise_std: float = 0.0
+    denoise_step: float = 1.0  # multiplier on the Tweedie step sigma^2 * score (1: the posterior mean)
+    fid_num_samples: int = 50_000  # generated images; class-balanced (label = index % num_classes) if conditional
+    # Score samples after the Tweedie step when the model was trained with Gaussian noise (as TarFlow does).
+    fid_denoise: bool = True
+    fid_save_png: bool = False  # also write every FID sample to OUT/fid_samples/<index>.png (shared storage)
+    # Cached reference statistics (.npz). "": <data root>/fid_stats/<split>-clean-<extractor>-<size>px.npz, built
+    # from data.train_split on first use. A path given here must exist, or be built by the fid_stats job.
+    fid_reference: str = ""
+    # Features: "inception" (clean-fid's InceptionV3, real FID) or "pooled_pixels" (2x2 average-pooled pixels:
+    # a pipeline smoke test that needs no weights; its numbers are not FID).
+    fid_feature_extractor: Literal["inception", "pooled_pixels"] = "inception"
+    kid_max_features: int = 10_000  # features kept per side for KID (generated: indices below this); 0: no KID
+    # inception-2015-12-05.pt, or a folder holding it; "": clean-fid's own location (/tmp). Never downloaded.
+    inception_path: str = ""
+    num_workers: int = 0  # Ray workers (one GPU each with cluster.use_gpu); 0: cluster.num_workers
+    out_dir: str = ""  # metrics.json and PNGs; "": an `eval` folder beside the checkpoint
+    progress_every_s: float = 10.0  # seconds between progress lines on the driver
+
+    def validate(self) -> None:
+        if not self.jobs:
+            raise ConfigError("eval.jobs is empty (choose from bpd, sample, denoise, fid_stats, fid)")
+        for name in ("batch_size", "num_samples", "bpd_draws"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name} must be >= 1")
+        if self.fid_num_samples < 2:
+            raise ConfigError("eval.fid_num_samples must be >= 2 (a covariance needs two samples)")
+        for name in ("max_redraws", "num_workers", "kid_max_features", "denoise_noise_std"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"eval.{name} must be >= 0")
+        if self.attn_temp <= 0:
+            raise ConfigError("eval.attn_temp must be > 0")
+        if self.progress_every_s <= 0:
+            raise ConfigError("eval.progress_every_s must be > 0")
 
 
 @dataclass
@@ -211,6 +270,13 @@ class RunConfig:
     def validate(self) -> RunConfig:
         for part in (self.model, self.data, self.optim, self.deepspeed, self.cluster, self.train):
             part.validate()
+        if self.data.image_size not in (0, self.model.image_size):
+            raise ConfigError(
+                f"data.image_size={self.data.image_size} must be 0 (the shards' size) or model.image_size="
+                f"{self.model.image_size}"
+            )
+        if self.optim.ema_decay > 0 and self.deepspeed.zero_stage == 3:
+            raise ConfigError("optim.ema_decay>0 needs deepspeed.zero_stage<=2 (ZeRO-3 partitions the weights)")
         per_step = self.cluster.num_workers * self.train.micro_batch_size
         if self.train.global_batch_size % per_step:
             raise ConfigError(
@@ -279,6 +345,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

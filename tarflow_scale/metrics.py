@@ -1,0 +1,70 @@
+"""Training metrics: a JSONL log, TensorBoard scalars and progress lines with rate and ETA (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step to `metrics.jsonl` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: str | Path, total_steps: int, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.start_time = time.time()
+        self.start_step: int | None = None
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                except ImportError:  # tensorboard is optional at run time
+                    self.writer = None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.start_step is None:  # rates count from the first logged step (compilation, resume excluded)
+            self.start_step, self.start_time = step, time.time()
+        record = {"step": step, "time": time.time(), **metrics}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"train/{key}", value, step)
+        elapsed = time.time() - self.start_time
+        rate = (step - self.start_step) / elapsed if step > self.start_step else float("nan")
+        eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
+        shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        pace = f"{rate:.2f} step/s | eta {format_duration(eta)}" if math.isfinite(rate) else "eta ?"
+        print(f"step {step}/{self.total_steps} | {shown} | {pace}", flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of a run's metrics.jsonl, in file order (a resumed run re-logs the steps it redid)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,332 @@
+"""The per-worker training loop: this rank's data stream feeding a DeepSpeed ZeRO engine, run by Ray Train.
+
+Determinism (so a resumed run reproduces an uninterrupted one step by step): model init is seeded identically
+on every rank; the data loader is re-created at every checkpoint boundary with a seed derived from the step;
+noise and label dropout draw from generators seeded by (seed, step, micro-batch, rank); DeepSpeed checkpoints
+the optimizer and our lr scheduler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import signal
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import CONFIG_FILE, EMA_FILE, EXPORT_NAME, read_run_config, save_export, strip_wrapper_prefixes
+from .config import RunConfig, dump_config, from_dict
+from .data import DataStats, augment, make_train_loader
+from .deepspeed_config import build_deepspeed_config, resolve_precision
+from .flow import NULL_LABEL, TarFlow
+from .likelihood import LOG_2, LOG_BIN_WIDTH_8BIT
+from .metrics import MetricsLogger
+from .sampling import sample_indices, save_grid
+from .schedule import make_scheduler
+from .transformer import TransformerLayer
+
+FAULT_MARKER = ".fault_injected"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row: the run stops, its last good checkpoint untouched."""
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 63-bit seed from any tuple of parts (Python's hash() is salted per process)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; none on biases, norms, embeddings and the prior."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        is_matrix = param.ndim >= 2 and not name.endswith(("pos_embed", "class_embed", "log_std"))
+        (decay if is_matrix else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each Transformer layer in backward (non-reentrant: works under ZeRO-3)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing as apply,
+    )
+
+    apply(model, check_fn=lambda module: isinstance(module, TransformerLayer))
+
+
+class EMA:
+    """Exponential moving average of the weights, kept in fp32 on every rank (ZeRO stages 0-2 only)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for key, value in model.state_dict().items():
+            self.shadow[key].lerp_(value.float(), 1.0 - self.decay)
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    nonfinite_total: int = 0
+    nonfinite_in_a_row: int = 0
+
+
+def _all_reduce(values: list[float], device: torch.device, op=None) -> list[float]:
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def _maybe_inject_fault(config: RunConfig, step: int, rank: int, world: int) -> None:
+    """Chaos testing: the last rank kills its own process once at `train.fault_at_step`."""
+    if config.train.fault_at_step <= 0 or step != config.train.fault_at_step or rank != world - 1:
+        return
+    marker = Path(config.run_dir) / FAULT_MARKER
+    if marker.exists():
+        return
+    marker.write_text(f"killed rank {rank} at step {step}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def probe_batch(config: RunConfig, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A fixed batch on which the engine logs its log-likelihood at the end, to check exports against."""
+    c = config.model
+    generator = torch.Generator().manual_seed(derive_seed(config.train.seed, "probe"))
+    x = torch.rand(batch, c.in_channels, c.image_size, c.image_size, generator=generator) * 2 - 1
+    y = torch.arange(batch) % c.num_classes if c.num_classes else None
+    return x, y
+
+
+def _gathered(engine, config: RunConfig):
+    """Full weights on every rank for the duration (a no-op below ZeRO-3). Collective."""
+    import deepspeed
+
+    if config.deepspeed.zero_stage != 3:
+        return nullcontext()
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
+
+
+def _plain_model(engine, config: RunConfig, rank: int) -> TarFlow | None:
+    """Rank 0 gets a model with the current weights that runs outside the engine; others get None. Collective.
+
+    Under ZeRO-3 the engine's module fetches its partitioned weights with collectives in every forward hook,
+    so a rank-0-only forward would hang: copy the gathered weights into a hook-free model instead.
+    """
+    if config.deepspeed.zero_stage != 3:
+        return engine.module if rank == 0 else None
+    with _gathered(engine, config):
+        if rank != 0:
+            return None
+        state = {k: v.detach().clone() for k, v in strip_wrapper_prefixes(engine.module.state_dict()).items()}
+    model = TarFlow(config.model)
+    model.load_state_dict(state)
+    return model.to(next(iter(state.values())).device)
+
+
+def _save_samples(engine, config: RunConfig, step: int, rank: int) -> None:
+    """Rank 0 writes a sample grid from the current weights."""
+    model = _plain_model(engine, config, rank)
+    if model is None:
+        return
+    n = config.train.num_samples
+    param = next(model.parameters())
+    labels = torch.arange(n, device=param.device) % config.model.num_classes if config.model.num_classes else None
+    images = sample_indices(model, list(range(n)), seed=config.train.seed, labels=labels)
+    save_grid(images, Path(config.run_dir) / "samples" / f"step_{step:08d}.png")
+
+
+def _finish(engine, config: RunConfig, state: LoopState, logger: MetricsLogger, rank: int, device, dtype) -> None:
+    """Log the engine's log-likelihood on the probe batch and write the slim export from the live weights."""
+    x, y = probe_batch(config)
+    with torch.no_grad():  # collective under ZeRO-3: every rank runs the probe
+        z, log_det = engine(x.to(device=device, dtype=dtype), None if y is None else y.to(device))
+        probe_log_prob = (engine.module.prior(z) + log_det).float().cpu().tolist()
+    logger.log(state.step, {"probe_log_prob": probe_log_prob})
+    model = _plain_model(engine, config, rank)
+    if model is not None:
+        state_dict = strip_wrapper_prefixes(model.state_dict())
+        tag = f"step_{state.step:08d}"
+        path = save_export(state_dict, config, Path(config.run_dir) / EXPORT_NAME, "live engine", tag, ema=False)
+        print(f"exported {path}", flush=True)
+
+
+def _save_checkpoint(engine, config: RunConfig, state: LoopState, metrics: dict, ema: EMA | None, rank: int) -> None:
+    """Collective: every rank writes its shard, then reports it; Ray merges them into one checkpoint folder."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        client_state = {"step": state.step, "nonfinite_total": state.nonfinite_total}
+        engine.save_checkpoint(tmp, tag=f"step_{state.step:08d}", client_state=client_state)
+        if rank == 0:
+            dump_config(config, Path(tmp) / CONFIG_FILE)
+            if ema is not None:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(Path(tmp) / EMA_FILE))
+        ray.train.report(
+            metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=f"checkpoint_{state.step:08d}"
+        )
+
+
+def _resume(engine, config: RunConfig, ema: EMA | None, world: int) -> LoopState:
+    """Continue from Ray's latest checkpoint (after a failure, or a re-run of the same command), or from
+    `train.resume_from`; fresh state otherwise."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.train.resume_from:
+        if not Path(config.train.resume_from).is_dir():
+            raise FileNotFoundError(f"train.resume_from={config.train.resume_from} does not exist")
+        checkpoint = Checkpoint.from_directory(config.train.resume_from)
+    if checkpoint is None:
+        return LoopState()
+    with checkpoint.as_directory() as directory:
+        saved = read_run_config(directory)
+        if saved.cluster.num_workers != world:
+            raise RuntimeError(
+                f"checkpoint {directory} was written by {saved.cluster.num_workers} ranks but this run has {world}: "
+                "a ZeRO checkpoint resumes only at the same cluster.num_workers (export it with tarflow-export "
+                "to change the world size)"
+            )
+        load_path, client_state = engine.load_checkpoint(directory)
+        if load_path is None:  # DeepSpeed only warns when `latest` is missing
+            raise RuntimeError(f"checkpoint {directory} holds no DeepSpeed engine state ('latest' missing)")
+        if ema is not None and (Path(directory) / EMA_FILE).is_file():
+            from safetensors.torch import load_file
+
+            ema.shadow = load_file(str(Path(directory) / EMA_FILE))
+    return LoopState(step=client_state["step"], nonfinite_total=client_state.get("nonfinite_total", 0))
+
+
+def train_worker(config_dict: dict) -> None:
+    """Ray Train's per-worker function; the process group is already initialised by Ray."""
+    config: RunConfig = from_dict(RunConfig, config_dict).validate()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if config.cluster.use_gpu else "cpu")
+    import deepspeed
+    import ray.train
+    from deepspeed.accelerator import get_accelerator
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = torch.device(get_accelerator().current_device_name())
+    train, data = config.train, config.data
+
+    torch.manual_seed(derive_seed(train.seed, "init"))  # identical initial weights on every rank
+    model = TarFlow(config.model)
+    if config.deepspeed.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, config.optim.weight_decay),
+        config=build_deepspeed_config(config),
+        lr_scheduler=partial(make_scheduler, optim=config.optim, num_steps=train.num_steps),
+        dist_init_required=False,
+    )
+    if config.deepspeed.compile:
+        engine.compile()
+    dtype = torch.bfloat16 if resolve_precision(config) == "bf16" else torch.float32
+    ema = EMA(engine.module, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
+    state = _resume(engine, config, ema, world)
+    logger = MetricsLogger(config.run_dir, train.num_steps, enabled=rank == 0)
+    stats = DataStats()
+    num_dims = config.model.num_dims
+    conditional = config.model.num_classes > 0
+    loader, last_metrics = None, {}
+    window = {"loss": 0.0, "prior_nll": 0.0, "log_det": 0.0, "count": 0, "start": time.time(), "images": 0}
+
+    while state.step < train.num_steps:
+        if loader is None or state.step % train.checkpoint_every == 0:
+            # Re-seeded at each checkpoint boundary, so a resumed run sees the same batches.
+            seed = derive_seed(train.seed, "data", state.step)
+            loader = iter(make_train_loader(data, train.micro_batch_size, rank, world, seed, stats))
+        _maybe_inject_fault(config, state.step, rank, world)
+        for micro in range(config.grad_accum_steps):
+            attempt = 0
+            while True:
+                images, labels = next(loader)
+                generator = torch.Generator().manual_seed(derive_seed(train.seed, state.step, micro, rank, attempt))
+                x = augment(images, data.noise, data.noise_std, generator).to(device=device, dtype=dtype)
+                y = None
+                if conditional:
+                    drop = torch.rand(labels.shape, generator=generator) < train.label_dropout
+                    y = torch.where(drop, torch.full_like(labels, NULL_LABEL), labels).to(device)
+                z, log_det = engine(x, y)
+                prior_log_prob = engine.module.prior(z)
+                prior_nll = -prior_log_prob.mean() / num_dims
+                log_det_per_dim = log_det.mean() / num_dims
+                loss = prior_nll - log_det_per_dim  # -log p(x) / D, nats
+                # Every rank must agree, or the ZeRO collectives in backward would deadlock.
+                (num_finite,) = _all_reduce([float(torch.isfinite(loss).item())], device)
+                if num_finite == world:
+                    state.nonfinite_in_a_row = 0
+                    break
+                state.nonfinite_total += 1
+                state.nonfinite_in_a_row += 1
+                attempt += 1
+                if rank == 0:
+                    print(f"step {state.step + 1}: non-finite loss, batch skipped ({state.nonfinite_total} so far)")
+                if state.nonfinite_in_a_row >= train.max_nonfinite_in_a_row:
+                    raise NonFiniteLossError(
+                        f"{state.nonfinite_in_a_row} non-finite losses in a row at step {state.step + 1} "
+                        f"(train.max_nonfinite_in_a_row={train.max_nonfinite_in_a_row}); the last good checkpoint "
+                        f"in {config.run_dir} is untouched. Lower optim.lr or raise data.noise_std."
+                    )
+            engine.backward(loss)
+            engine.step()
+            window["loss"] += loss.item()
+            window["prior_nll"] += prior_nll.item()
+            window["log_det"] += log_det_per_dim.item()
+            window["count"] += 1
+        window["images"] += train.global_batch_size
+        state.step += 1
+        if ema is not None:
+            ema.update(engine.module)
+
+        is_last = state.step == train.num_steps
+        if state.step % train.log_every == 0 or is_last:
+            count = window["count"]
+            loss_sum, prior_sum, log_det_sum, skipped = _all_reduce(
+                [window["loss"], window["prior_nll"], window["log_det"], float(stats.skipped)], device
+            )
+            elapsed = time.time() - window["start"]
+            grad_norm = engine.get_global_grad_norm()
+            loss_mean = loss_sum / (count * world)
+            last_metrics = {
+                "loss": loss_mean,
+                "prior_nll": prior_sum / (count * world),
+                "log_det": log_det_sum / (count * world),
+                # Dequantized 8-bit convention; with Gaussian noise this is the noisy-data NLL.
+                "bits_per_dim": (loss_mean - LOG_BIN_WIDTH_8BIT) / LOG_2,
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "lr": scheduler.get_last_lr()[0],
+                "images_per_s": window["images"] / elapsed if elapsed > 0 else float("nan"),
+                "skipped_samples": int(skipped),
+                "nonfinite_steps": state.nonfinite_total,
+            }
+            logger.log(state.step, last_metrics)
+            window = {"loss": 0.0, "prior_nll": 0.0, "log_det": 0.0, "count": 0, "start": time.time(), "images": 0}
+        if (train.sample_every and state.step % train.sample_every == 0) or is_last:
+            _save_samples(engine, config, state.step, rank)
+        if state.step % train.checkpoint_every == 0 or is_last:
+            _save_checkpoint(engine, config, state, {"step": state.step, **last_metrics}, ema, rank)
+    _finish(engine, config, state, logger, rank, device, dtype)
+    logger.close()
+    if not math.isfinite(last_metrics.get("loss", 0.0)):
+        raise NonFiniteLossError("training ended with a non-finite loss")

@@ -1,0 +1,195 @@
+"""Ray Train + DeepSpeed training on 2 CPU workers (gloo): ZeRO-2/3, checkpoints, exact resume, worker death,
+non-finite losses, and export. One embedded Ray cluster serves the whole module."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tarflow_scale.checkpoint import CheckpointError, export_checkpoint, latest_checkpoint, load_model
+from tarflow_scale.config import load_config
+from tarflow_scale.data import write_split
+from tarflow_scale.data.sources import ArraySource
+from tarflow_scale.metrics import read_metrics
+from tarflow_scale.trainer import probe_batch
+
+pytestmark = pytest.mark.slow
+
+NUM_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from tarflow_scale.cluster import init_ray
+
+    init_ray("local")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Smooth random 8x8 images in 2 classes: small enough for seconds per run, real PNG shards."""
+    root = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, size=(64, 2, 2, 3))
+    images = np.kron(base, np.ones((1, 4, 4, 1))).astype(np.uint8)  # (64, 8, 8, 3) blocky images
+    source = ArraySource(
+        images=images,
+        labels=np.arange(64) % 2,
+        keys=[f"img{i:03d}" for i in range(64)],
+        num_classes=2,
+        class_names=["a", "b"],
+        description={"kind": "test"},
+    )
+    write_split(str(root), source, name="tiny", split="train", samples_per_shard=16, progress=False)
+    return root
+
+
+def run_config(dataset: Path, run_dir: Path, *overrides: str):
+    return load_config(
+        None,
+        [
+            f"run_dir={run_dir}",
+            f"data.path={dataset}",
+            "data.image_size=0",
+            "data.shuffle_buffer=16",
+            "data.num_workers=0",
+            "model.image_size=8",
+            "model.patch_size=2",
+            "model.channels=32",
+            "model.head_dim=16",
+            "model.num_blocks=2",
+            "model.layers_per_block=1",
+            "model.num_classes=2",
+            "optim.lr=3e-3",
+            "optim.warmup_steps=1",
+            f"train.num_steps={NUM_STEPS}",
+            "train.global_batch_size=16",
+            "train.micro_batch_size=4",  # 2 accumulation steps per optimizer step
+            "train.log_every=1",
+            "train.checkpoint_every=3",
+            "train.sample_every=0",
+            "train.num_samples=4",
+            "cluster.num_workers=2",
+            *overrides,
+        ],
+    )
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """Loss per step; a step redone after a restart keeps its last record."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def zero2_run(ray_cluster, dataset, tmp_path_factory) -> Path:
+    from tarflow_scale.cluster import launch
+
+    run_dir = tmp_path_factory.mktemp("runs") / "zero2"
+    launch(run_config(dataset, run_dir, "deepspeed.zero_stage=2"))
+    return run_dir
+
+
+def check_finished_run(run_dir: Path) -> None:
+    losses = step_losses(run_dir)
+    assert sorted(losses) == list(range(1, NUM_STEPS + 1))
+    assert all(np.isfinite(list(losses.values())))
+    first, last = np.mean([losses[1], losses[2]]), np.mean([losses[NUM_STEPS - 1], losses[NUM_STEPS]])
+    assert last < first, f"loss did not decrease: {losses}"
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert kept == ["checkpoint_00000003", "checkpoint_00000006"]
+    for checkpoint in kept:
+        assert (run_dir / checkpoint / "latest").read_text().strip() == f"step_{int(checkpoint[-8:]):08d}"
+        assert (run_dir / checkpoint / "config.yaml").is_file()
+    assert (run_dir / "samples" / f"step_{NUM_STEPS:08d}.png").is_file()
+
+
+def check_export_matches_engine(run_dir: Path, tmp_path: Path) -> None:
+    """The trainer's own export (gathered from the live engine) equals DeepSpeed's consolidation of the ZeRO
+    checkpoint, and the exported model reproduces the engine's log-likelihood on the probe batch."""
+    from safetensors.torch import load_file
+
+    exported = export_checkpoint(latest_checkpoint(run_dir), tmp_path / "from_checkpoint.safetensors")
+    live = load_file(run_dir / "model.safetensors")
+    consolidated = load_file(exported)
+    assert live.keys() == consolidated.keys()
+    for key in live:
+        assert torch.equal(live[key], consolidated[key]), key
+
+    model = load_model(exported)
+    config = load_config(run_dir / "config.yaml")
+    x, y = probe_batch(config)
+    engine_log_prob = [r for r in read_metrics(run_dir) if "probe_log_prob" in r][-1]["probe_log_prob"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.log_prob(x, y), torch.tensor(engine_log_prob), rtol=1e-5, atol=1e-4)
+        samples = model.sample(4, y=torch.tensor([0, 1, 0, 1]))
+    assert samples.shape == (4, 3, 8, 8) and torch.isfinite(samples).all()
+    sidecar = json.loads(exported.with_suffix(".json").read_text())
+    assert sidecar["num_classes"] == 2
+
+
+def test_zero2_trains_checkpoints_and_exports(zero2_run, tmp_path):
+    check_finished_run(zero2_run)
+    check_export_matches_engine(zero2_run, tmp_path)
+
+
+def test_zero3_trains_checkpoints_and_exports(ray_cluster, dataset, tmp_path):
+    from tarflow_scale.cluster import launch
+
+    run_dir = tmp_path / "zero3"
+    launch(run_config(dataset, run_dir, "deepspeed.zero_stage=3"))
+    check_finished_run(run_dir)
+    check_export_matches_engine(run_dir, tmp_path)
+
+
+def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted(zero2_run, dataset, tmp_path):
+    from tarflow_scale.cluster import launch
+
+    run_dir = tmp_path / "killed"
+    launch(run_config(dataset, run_dir, "train.fault_at_step=4", "cluster.max_failures=1"))
+    assert (run_dir / ".fault_injected").is_file(), "the fault was never injected"
+    steps = [r["step"] for r in read_metrics(run_dir)]
+    assert steps.count(4) == 2, "step 4 must run twice: before the kill and after the restart from step 3"
+    expected = step_losses(zero2_run)
+    for step, loss in step_losses(run_dir).items():
+        assert abs(loss - expected[step]) < 1e-6, (step, loss, expected[step])
+
+
+def test_rerunning_a_failed_run_resumes_where_it_stopped(zero2_run, dataset, tmp_path):
+    from tarflow_scale.cluster import launch
+
+    run_dir = tmp_path / "rerun"
+    config = run_config(dataset, run_dir, "train.fault_at_step=4", "cluster.max_failures=0")
+    with pytest.raises(Exception, match="(?i)fail|died|error"):
+        launch(config)
+    assert max(step_losses(run_dir)) == 4
+    launch(run_config(dataset, run_dir, "train.fault_at_step=4", "cluster.max_failures=0"))
+    expected = step_losses(zero2_run)
+    losses = step_losses(run_dir)
+    assert sorted(losses) == list(range(1, NUM_STEPS + 1))
+    for step, loss in losses.items():
+        assert abs(loss - expected[step]) < 1e-6, (step, loss, expected[step])
+
+
+def test_nonfinite_losses_stop_the_run_with_a_clear_error(ray_cluster, dataset, tmp_path):
+    from tarflow_scale.cluster import launch
+
+    run_dir = tmp_path / "nan"
+    config = run_config(dataset, run_dir, "data.noise_std=.inf", "train.max_nonfinite_in_a_row=2")
+    with pytest.raises(Exception, match="non-finite losses in a row"):
+        launch(config)
+    assert not list(run_dir.glob("checkpoint_*")), "no checkpoint may be written from non-finite weights"
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nowhere.safetensors")
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        export_checkpoint(tmp_path, tmp_path / "out.safetensors")

@@ -1,0 +1,135 @@
+"""`tarflow-bench`: single-process throughput of a config — training and sampling images/s, achieved FLOP/s.
+
+FLOPs are counted by torch's FlopCounterMode on one real step (not estimated by formula); the peak is a
+large matmul timed in the same run, on the same device and dtype, so the fraction is honest for this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+
+import torch
+
+from tarflow_scale.config import ConfigError, load_config
+from tarflow_scale.flow import TarFlow
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a square matmul: the practical peak this process can reach."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def count_train_flops(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        (-model.log_prob(x, y).mean()).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def bench_training(model: TarFlow, batch: int, steps: int, device: torch.device, dtype: torch.dtype) -> dict:
+    c = model.config
+    x = torch.randn(batch, c.in_channels, c.image_size, c.image_size, device=device)
+    y = torch.randint(0, c.num_classes, (batch,), device=device) if c.num_classes else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    flops = count_train_flops(model, x, y)
+
+    def step():
+        with autocast:
+            loss = -model.log_prob(x, y).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    return {"images_per_s": batch / seconds, "step_s": seconds, "flops_per_s": flops / seconds}
+
+
+@torch.no_grad()
+def bench_sampling(model: TarFlow, batch: int, device: torch.device, guidance: float) -> float:
+    c = model.config
+    y = torch.randint(0, c.num_classes, (batch,), device=device) if c.num_classes else None
+    attn_temp = 1.0 if c.num_classes else 1.5  # unconditional models guide by attention temperature
+    model.sample(min(batch, 2), y=None if y is None else y[:2], guidance=guidance, attn_temp=attn_temp)
+    _sync(device)
+    start = time.perf_counter()
+    model.sample(batch, y=y, guidance=guidance, attn_temp=attn_temp)
+    _sync(device)
+    return batch / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tarflow-bench", description=__doc__)
+    parser.add_argument("--config", help="YAML run config (default: the built-in tiny run)")
+    parser.add_argument("--batch-size", type=int, default=0, help="training batch (default: train.micro_batch_size)")
+    parser.add_argument("--sample-batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.channels=256")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"tarflow-bench: config error: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    torch.manual_seed(0)
+    model = TarFlow(config.model).to(device)
+    with torch.no_grad():  # non-zero heads, so sampling does real work rather than the identity
+        for block in model.blocks:
+            block.proj_out.weight.normal_(0, 1e-3)
+    c = config.model
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"device: {device} ({name}), {torch.get_num_threads()} CPU threads, dtype {dtype}, torch {torch.__version__}")
+    print(
+        f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {c.image_size}px patch {c.patch_size} "
+        f"({c.num_tokens} tokens x {c.token_dim}), width {c.channels}, {c.num_blocks}x{c.layers_per_block} layers, "
+        f"transform {c.transform}"
+    )
+    peak = measure_matmul_peak(device, dtype)
+    batch = args.batch_size or config.train.micro_batch_size
+    train = bench_training(model, batch, args.steps, device, dtype)
+    plain = bench_sampling(model, args.sample_batch_size, device, guidance=0.0)
+    guided = bench_sampling(model, args.sample_batch_size, device, guidance=1.0)
+    print(f"matmul peak:        {peak / 1e9:10.1f} GFLOP/s")
+    print(
+        f"training:           {train['images_per_s']:10.1f} images/s  "
+        f"(batch {batch}, {train['step_s'] * 1e3:.1f} ms/step, "
+        f"{train['flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * train['flops_per_s'] / peak:.1f}% of peak)"
+    )
+    print(f"sampling:           {plain:10.1f} images/s  (batch {args.sample_batch_size}, no guidance)")
+    print(f"sampling, guided:   {guided:10.1f} images/s  (batch {args.sample_batch_size}, cond+uncond batched)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

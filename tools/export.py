@@ -1,0 +1,32 @@
+"""`tarflow-export`: consolidate a training checkpoint (any ZeRO stage) into one self-contained safetensors file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tarflow_scale.checkpoint import CheckpointError, export_checkpoint
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tarflow-export",
+        description="Consolidate a DeepSpeed ZeRO checkpoint folder (or a run directory: its newest checkpoint) "
+        "into OUT.safetensors with the model config embedded in its metadata (and OUT.json beside it). "
+        "The result loads with tarflow_scale.checkpoint.load_model, without DeepSpeed or Ray.",
+    )
+    parser.add_argument("checkpoint", help="checkpoint_* folder written by tarflow-train, or its run directory")
+    parser.add_argument("out", help="output .safetensors path")
+    parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
+    args = parser.parse_args(argv)
+    try:
+        path = export_checkpoint(args.checkpoint, args.out, use_ema=args.ema)
+    except CheckpointError as e:
+        print(f"tarflow-export: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} (config: {path.with_suffix('.json')})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
