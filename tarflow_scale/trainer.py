@@ -92,6 +92,15 @@ def _all_reduce(values: list[float], device: torch.device, op=None) -> list[floa
     return tensor.tolist()
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this rank: allocated device memory on GPU, the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def _maybe_inject_fault(config: RunConfig, step: int, rank: int, world: int) -> None:
     """Chaos testing: the last rank kills its own process once at `train.fault_at_step`."""
     if config.train.fault_at_step <= 0 or step != config.train.fault_at_step or rank != world - 1:
@@ -306,6 +315,9 @@ def train_worker(config_dict: dict) -> None:
                 [window["loss"], window["prior_nll"], window["log_det"], float(stats.skipped)], device
             )
             elapsed = time.time() - window["start"]
+            import torch.distributed as dist
+
+            (peak_mb,) = _all_reduce([peak_memory_mb(device)], device, op=dist.ReduceOp.MAX)
             grad_norm = engine.get_global_grad_norm()
             loss_mean = loss_sum / (count * world)
             last_metrics = {
@@ -319,6 +331,7 @@ def train_worker(config_dict: dict) -> None:
                 "images_per_s": window["images"] / elapsed if elapsed > 0 else float("nan"),
                 "skipped_samples": int(skipped),
                 "nonfinite_steps": state.nonfinite_total,
+                "peak_mem_mb": peak_mb,  # the largest over ranks
             }
             logger.log(state.step, last_metrics)
             window = {"loss": 0.0, "prior_nll": 0.0, "log_det": 0.0, "count": 0, "start": time.time(), "images": 0}

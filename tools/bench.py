@@ -82,8 +82,26 @@ def bench_sampling(model: TarFlow, batch: int, device: torch.device, guidance: f
     return batch / (time.perf_counter() - start)
 
 
+# Other benchmarks, reached as `tarflow-bench NAME ...` (each also runs as `python -m tools.bench_NAME`).
+SUITES = {
+    "zero": "tools.bench_zero",  # ZeRO stages 1/2/3 under Ray Train: images/s and peak memory per rank
+    "data": "tools.bench_data",  # loader images/s per worker
+    "eval": "tools.bench_eval",  # sampling / denoising / bits-per-dim images/s
+    "mixing": "tools.bench_mixing",  # CDFlow vs dense mixing
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tarflow-bench", description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUITES:
+        import importlib
+
+        return importlib.import_module(SUITES[argv[0]]).main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="tarflow-bench",
+        description=__doc__,
+        epilog="other suites: " + ", ".join(f"tarflow-bench {name} --help" for name in SUITES),
+    )
     parser.add_argument("--config", help="YAML run config (default: the built-in tiny run)")
     parser.add_argument("--batch-size", type=int, default=0, help="training batch (default: train.micro_batch_size)")
     parser.add_argument("--sample-batch-size", type=int, default=16)
