@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def at_least_fp32(t: Tensor) -> Tensor:
@@ -30,6 +30,11 @@ class TokenTransform:
 
     def inverse(self, z: Tensor, params: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def init_head(self, head: nn.Linear) -> None:
+        """Initialise the linear layer that outputs the parameters: zero, so every block starts as the identity."""
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
 
     def guide(self, params_cond: Tensor, params_uncond: Tensor, weight: float | Tensor) -> Tensor:
         """Classifier-free guidance on the raw head outputs: p_c + w (p_c - p_u); w = 0 gives p_c."""
