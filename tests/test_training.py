@@ -193,3 +193,14 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         load_model(tmp_path / "nowhere.safetensors")
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         export_checkpoint(tmp_path, tmp_path / "out.safetensors")
+
+
+def test_wrong_image_size_or_classes_is_named_before_any_worker_starts(dataset, tmp_path):
+    from tarflow_scale.cluster import check_data_matches_model
+    from tarflow_scale.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"holds 3x8x8 images but the model expects 3x16x16"):
+        check_data_matches_model(run_config(dataset, tmp_path, "model.image_size=16"))
+    with pytest.raises(ConfigError, match=r"model.num_classes=5 but data.path=.* has 2 classes"):
+        check_data_matches_model(run_config(dataset, tmp_path, "model.num_classes=5"))
+    check_data_matches_model(run_config(dataset, tmp_path))  # the matching config passes
