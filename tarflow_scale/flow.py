@@ -56,9 +56,8 @@ class FlowBlock(nn.Module):
         )
         self.norm_out = LayerNorm32(C)
         self.proj_out = nn.Linear(C, D * transform.num_params)
-        # Zero output projection: every block starts as the identity map (stable deep stacks).
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
+        # Zero (or near-zero) output projection: every block starts at the identity map (stable deep stacks).
+        transform.init_head(self.proj_out)
 
     def permute(self, tokens: Tensor) -> Tensor:
         """Into (and, being an involution, back out of) this block's token order."""
