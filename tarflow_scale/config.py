@@ -407,22 +407,25 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+def read_yaml_mapping(path: str | Path) -> dict:
+    """The top-level mapping of a YAML config file; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return loaded
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, cls: type = RunConfig
 ) -> Any:
     """Defaults, then the YAML file at `path`, then dotted `overrides`; validated."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        tree = loaded
+    tree = read_yaml_mapping(path) if path is not None else {}
     tree = _merge(tree, parse_overrides(overrides or []))
     try:
         config = from_dict(cls, tree)
