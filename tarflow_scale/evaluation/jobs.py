@@ -1,0 +1,549 @@
+"""Evaluation jobs spread over Ray workers: each worker (an actor, one GPU on a cluster) loads the model once;
+the driver splits index ranges or data parts among them, gathers the results and writes the report.
+
+The only module of the evaluation that imports Ray; the maths lives in bpd, generate, denoise and fid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.util import ActorPool
+
+from ..checkpoint import load_model
+from ..config import ConfigError, RunConfig, TarFlowConfig, from_dict, to_dict
+from ..data import DataError, make_eval_loader, read_manifest, resolve_data_path
+from ..flow import TarFlow
+from ..sampling import save_grid, to_uint8
+from . import fid as fidlib
+from .bpd import batch_bits_per_dim, summarize
+from .denoise import tweedie_denoise
+from .generate import SampleSettings, generate
+from .report import build_report, write_report
+from .resolve import CheckpointInfo, TrainingNoise, training_noise
+
+JOB_ORDER = ("bpd", "sample", "denoise", "fid_stats", "fid")  # fid_stats before fid: fid reads what it writes
+PARTS_PER_WORKER = 4  # data jobs cut the split into this many index ranges per worker: balance and progress
+METRICS_FILE = "metrics.json"
+BPD_DESCRIPTIONS = {
+    "dequantized": "bits/dim of the 8-bit held-out images: uniform dequantization x = (u + v)/128 - 1, "
+    "v ~ U[0,1)^D, bpd = (E_v[-log p(x)] - D log(2/256)) / (D ln 2); an upper bound on the discrete NLL",
+    "noisy_data_nll": "NOT a discrete-data bits/dim: -log p(x + sigma*eps) of the held-out images with the training "
+    "Gaussian noise (sigma = training data.noise_std on [-1,1]) added, a continuous density, reported in bits per "
+    "dimension on the 8-bit pixel scale (the same -D log(2/256) shift as the dequantized value)",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driver-side helpers
+
+
+class Progress:
+    """Periodic progress lines on the driver: done/total, rate and ETA."""
+
+    def __init__(self, name: str, total: int, every_s: float, unit: str = "images", stream=None):
+        self.name, self.total, self.every_s, self.unit = name, total, every_s, unit
+        self.stream = stream or sys.stdout
+        self.done = 0
+        self.start = self.last = time.perf_counter()
+        self._print(f"[{name}] started: {total} {unit}")
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every_s and self.done < self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            self._print(
+                f"[{self.name}] {self.done}/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%), "
+                f"{rate:.1f} {self.unit}/s, ETA {eta:.0f}s"
+            )
+
+    def finish(self) -> dict[str, float]:
+        seconds = time.perf_counter() - self.start
+        rate = self.done / max(seconds, 1e-9)
+        self._print(f"[{self.name}] done: {self.done} {self.unit} in {seconds:.1f}s ({rate:.1f} {self.unit}/s)")
+        return {"seconds": seconds, f"{self.unit}_per_s": rate}
+
+
+def init_ray(address: str | None) -> bool:
+    """Join `address`, else RAY_ADDRESS, else start an embedded local cluster; True when this call started Ray."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, log_to_driver=True)
+    return True
+
+
+def _chunks(total: int, size: int) -> list[list[int]]:
+    """Sample indices 0..total-1 in fixed chunks: the same chunks whatever the number of workers."""
+    return [list(range(start, min(start + size, total))) for start in range(0, total, size)]
+
+
+def _data_fingerprint(manifest) -> str:
+    """Identifies a split's content (its shards' checksums), wherever the copy lives."""
+    return hashlib.sha256("\n".join(manifest.sha256).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Worker
+
+
+class EvalWorker:
+    """One evaluation worker (a Ray actor): the model and, on demand, the feature network, loaded once."""
+
+    def __init__(self, payload: dict, config: dict, use_gpu: bool, threads: int):
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.config: RunConfig = from_dict(RunConfig, config)
+        model = TarFlow(from_dict(TarFlowConfig, payload["model_config"]))
+        model.load_state_dict(payload["state"], strict=True)
+        self.model = model.to(self.device).eval()
+        self._extractor = None
+        # Feature statistics accumulate here across work items and leave once per job (take_stats): a (D, D)
+        # scatter matrix is 32 MB for Inception, too big to ship back with every batch.
+        self._stats: dict[str, fidlib.FeatureStats] = {}
+
+    def ready(self) -> str:
+        """Returns once the model is loaded (so job timings exclude start-up); names the device."""
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return f"{name}, {torch.get_num_threads()} threads"
+
+    def _labels(self, labels: torch.Tensor, keys: list[str]) -> torch.Tensor | None:
+        num_classes = self.model.config.num_classes
+        if not num_classes:
+            return None
+        bad = ((labels < 0) | (labels >= num_classes)).nonzero().flatten().tolist()
+        if bad:
+            raise DataError(
+                f"sample {keys[bad[0]]!r} has label {int(labels[bad[0]])}, outside the model's {num_classes} classes"
+            )
+        return labels
+
+    def bpd_part(self, part: int, num_parts: int, kinds: list[tuple[str, str, float]]) -> dict[str, Any]:
+        """Per-image bits/dim of the samples with global index in part `part` of `num_parts` of data.eval_split."""
+        c = self.config
+        loader = make_eval_loader(c.data, c.eval.batch_size, part, num_parts)
+        keys: list[str] = []
+        values: dict[str, list[np.ndarray]] = {name: [] for name, _, _ in kinds}
+        for images, labels, batch_keys in loader:
+            y = self._labels(labels, batch_keys)
+            for name, kind, noise_std in kinds:
+                bpd = batch_bits_per_dim(
+                    self.model, images.to(self.device), y, batch_keys,
+                    kind=kind, noise_std=noise_std, num_draws=c.eval.bpd_draws, seed=c.eval.seed,
+                )  # fmt: skip
+                values[name].append(bpd.cpu().numpy())
+            keys += batch_keys
+        return {"keys": keys, "values": {k: np.concatenate(v) if v else np.zeros(0) for k, v in values.items()}}
+
+    def sample_chunk(
+        self, indices: list[int], settings: SampleSettings, denoise_std: float | None, step: float
+    ) -> dict[str, Any]:
+        images, labels, redrawn = generate(self.model, indices, settings)
+        out = {"indices": indices, "images": images.float().cpu(), "redrawn": redrawn}
+        out["labels"] = None if labels is None else labels.cpu()
+        if denoise_std is not None:
+            out["denoised"] = tweedie_denoise(self.model, images, denoise_std, labels, step).float().cpu()
+        return out
+
+    def _feature_network(self):
+        if self._extractor is None:
+            e = self.config.eval
+            self._extractor = fidlib.build_extractor(e.fid_feature_extractor, self.device, e.inception_path)
+        return self._extractor
+
+    def fid_chunk(
+        self,
+        indices: list[int],
+        settings: SampleSettings,
+        denoise_std: float | None,
+        step: float,
+        png_dir: str | None,
+    ) -> dict[str, Any]:
+        """Generate, (denoise), quantise and featurise samples `indices` into this worker's "fid" statistics."""
+        images, labels, redrawn = generate(self.model, indices, settings)
+        if denoise_std is not None:
+            images = tweedie_denoise(self.model, images, denoise_std, labels, step)
+        pixels = to_uint8(images).cpu()  # (B, C, H, W): exactly what a PNG of the sample holds
+        if png_dir:
+            _write_pngs(pixels, indices, png_dir)
+        feats = fidlib.extract_features(pixels, self._feature_network(), self.device)
+        kid_max = self.config.eval.kid_max_features
+        self._stats.setdefault("fid", fidlib.FeatureStats()).add(feats, indices, [i < kid_max for i in indices])
+        return {"redrawn": redrawn, "count": len(indices)}
+
+    def reference_part(self, part: int, num_parts: int, split: str, num_reference: int) -> dict[str, Any]:
+        """Featurise the real images in part `part` of `num_parts` of `split` into the "fid_stats" statistics."""
+        c = self.config
+        stats = self._stats.setdefault("fid_stats", fidlib.FeatureStats())
+        count = 0
+        for images, _, keys in make_eval_loader(c.data, c.eval.batch_size, part, num_parts, split=split):
+            feats = fidlib.extract_features(images, self._feature_network(), self.device)
+            keep = [fidlib.keep_reference_for_kid(k, num_reference, c.eval.kid_max_features) for k in keys]
+            stats.add(feats, ids=keys, keep=keep)
+            count += len(keys)
+        return {"count": count}
+
+    def take_stats(self, job: str) -> fidlib.FeatureStats:
+        """This worker's accumulated statistics of `job`, reset for the next run."""
+        return self._stats.pop(job, fidlib.FeatureStats())
+
+
+def _write_pngs(pixels: torch.Tensor, indices: list[int], folder: str) -> None:
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    for image, index in zip(pixels, indices):
+        array = image.permute(1, 2, 0).numpy()
+        Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(os.path.join(folder, f"{index:06d}.png"))
+
+
+class WorkerPool:
+    """N EvalWorker actors behind a Ray ActorPool: work items go to whichever worker is free."""
+
+    def __init__(self, model: TarFlow, config: RunConfig, num_workers: int):
+        cluster = config.cluster
+        need = {"CPU": num_workers * cluster.cpus_per_worker, "GPU": num_workers if cluster.use_gpu else 0}
+        have = ray.cluster_resources()
+        short = {k: (v, have.get(k, 0)) for k, v in need.items() if v > have.get(k, 0)}
+        if short:
+            detail = ", ".join(f"{v} {k} needed, {h:g} in the cluster" for k, (v, h) in short.items())
+            raise ConfigError(
+                f"{num_workers} evaluation workers do not fit the Ray cluster ({detail}); lower eval.num_workers / "
+                "cluster.num_workers or cluster.cpus_per_worker"
+            )
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        # One copy of the weights in the object store; every worker builds its model from it (no shared FS needed).
+        payload = ray.put({"model_config": to_dict(model.config), "state": state})
+        actor = ray.remote(EvalWorker).options(num_cpus=cluster.cpus_per_worker, num_gpus=1 if cluster.use_gpu else 0)
+        self.actors = [
+            actor.remote(payload, to_dict(config), cluster.use_gpu, cluster.cpus_per_worker) for _ in range(num_workers)
+        ]
+        start = time.perf_counter()
+        try:
+            self.devices = ray.get([a.ready.remote() for a in self.actors])
+        except ray.exceptions.RayActorError as e:
+            raise RuntimeError(f"an evaluation worker failed to start: {e}") from e
+        self.startup_s = time.perf_counter() - start
+        self.pool = ActorPool(self.actors)
+        self.size = num_workers
+
+    def map(self, method: str, items: list[tuple], progress: Progress, count: Callable[[Any], int]) -> list[Any]:
+        results = []
+        try:
+            for result in self.pool.map_unordered(lambda a, args: getattr(a, method).remote(*args), items):
+                progress.update(count(result))
+                results.append(result)
+        except ray.exceptions.RayTaskError as e:
+            raise e.as_instanceof_cause() from None  # the worker's own exception type (DataError, FidError, ...)
+        return results
+
+    def gather_stats(self, job: str) -> fidlib.FeatureStats:
+        """Every worker's statistics of `job`, merged (Chan's update is exact in any order)."""
+        merged = fidlib.FeatureStats()
+        for stats in ray.get([a.take_stats.remote(job) for a in self.actors]):
+            merged = merged.merge(stats)
+        return merged
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Jobs
+
+
+def run_bpd(pool: WorkerPool, config: RunConfig, noise: TrainingNoise) -> tuple[dict, dict[str, dict[str, float]]]:
+    """Exact bits/dim over data.eval_split: every sample exactly once across workers (checked)."""
+    split = config.data.eval_split
+    manifest = read_manifest(config.data.path, split)
+    n = manifest.num_samples
+    num_parts = min(n, pool.size * PARTS_PER_WORKER)
+    kinds = [("dequantized", "uniform", 0.0)]
+    if noise.noise == "gaussian":
+        kinds.append(("noisy_data_nll", "gaussian", noise.noise_std))
+    progress = Progress("bpd", n, config.eval.progress_every_s)
+    parts = pool.map("bpd_part", [(p, num_parts, kinds) for p in range(num_parts)], progress, lambda r: len(r["keys"]))
+    timing = progress.finish()
+    keys = [k for r in parts for k in r["keys"]]
+    if len(keys) != n or len(set(keys)) != n:
+        raise DataError(
+            f"bits/dim saw {len(keys)} images ({len(set(keys))} distinct) of the {n} in {manifest.name}/{split}: "
+            "the exactly-once pass failed"
+        )
+    per_image: dict[str, dict[str, float]] = {}
+    result: dict[str, Any] = {"split": split, "num_images": n, "draws": config.eval.bpd_draws, **timing}
+    for name, kind, noise_std in kinds:
+        values = np.concatenate([r["values"][name] for r in parts])
+        result[name] = {
+            **summarize(values),
+            "noise": kind,
+            "noise_std": noise_std,
+            "description": BPD_DESCRIPTIONS[name],
+        }
+        for key, value in zip(keys, values.tolist()):
+            per_image.setdefault(key, {})[name] = value
+    if noise.noise == "gaussian":
+        result["note"] = (
+            f"the model was trained on Gaussian-noised data (sigma={noise.noise_std}): 'dequantized' is a valid but "
+            "loose bound for it; 'noisy_data_nll' is the likelihood of the data it was trained on"
+        )
+    return result, per_image
+
+
+def run_sampling(
+    pool: WorkerPool, config: RunConfig, settings: SampleSettings, denoise_std: float | None, out_dir: Path
+) -> dict[str, Any]:
+    """eval.num_samples samples (and their Tweedie-denoised versions when denoise_std is given): grids + npz."""
+    e = config.eval
+    progress = Progress("sample", e.num_samples, e.progress_every_s)
+    chunks = _chunks(e.num_samples, e.batch_size)
+    items = [(c, settings, denoise_std, e.denoise_step) for c in chunks]
+    results = pool.map("sample_chunk", items, progress, lambda r: len(r["indices"]))
+    timing = progress.finish()
+    results.sort(key=lambda r: r["indices"][0])
+    images = torch.cat([r["images"] for r in results])
+    arrays = {"indices": np.arange(e.num_samples), "images": images.numpy()}
+    labels = [r["labels"] for r in results]
+    if labels[0] is not None:
+        arrays["labels"] = torch.cat(labels).numpy()
+    files = {"grid": str(save_grid(images, out_dir / "samples.png"))}
+    result: dict[str, Any] = {
+        "num_samples": e.num_samples,
+        "num_nonfinite_redrawn": sum(r["redrawn"] for r in results),
+        "settings": asdict(settings),
+        **timing,
+    }
+    if denoise_std is not None:
+        denoised = torch.cat([r["denoised"] for r in results])
+        arrays["denoised"] = denoised.numpy()
+        files["denoised_grid"] = str(save_grid(denoised, out_dir / "samples_denoised.png"))
+        result["denoise"] = {
+            "noise_std": denoise_std,
+            "step": e.denoise_step,
+            "rms_change": float((denoised - images).pow(2).mean().sqrt()),  # in the [-1, 1] pixel scale
+        }
+    np.savez(out_dir / "samples.npz", **arrays)
+    result["files"] = {**files, "arrays": str(out_dir / "samples.npz")}
+    return result
+
+
+def reference_meta(config: RunConfig, manifest) -> dict[str, Any]:
+    return {
+        "extractor": config.eval.fid_feature_extractor,
+        "image_size": config.model.image_size,
+        "split": config.data.train_split,
+        "data_fingerprint": _data_fingerprint(manifest),
+    }
+
+
+def run_fid_stats(pool: WorkerPool, config: RunConfig, path: Path) -> dict[str, Any]:
+    """Reference statistics of every image of data.train_split (exactly once), cached at `path`."""
+    split = config.data.train_split
+    manifest = read_manifest(config.data.path, split)
+    n = manifest.num_samples
+    num_parts = min(n, pool.size * PARTS_PER_WORKER)
+    progress = Progress("fid_stats", n, config.eval.progress_every_s)
+    items = [(p, num_parts, split, n) for p in range(num_parts)]
+    parts = pool.map("reference_part", items, progress, lambda r: r["count"])
+    timing = progress.finish()
+    stats = pool.gather_stats("fid_stats")
+    if stats.num != n or sum(r["count"] for r in parts) != n:
+        raise DataError(f"FID reference saw {stats.num} of the {n} images in {manifest.name}/{split}")
+    fidlib.save_reference(path, stats, {**reference_meta(config, manifest), "data_path": config.data.path})
+    return {"path": str(path), "num_images": n, "num_kid_features": len(stats.kid_ids), **timing}
+
+
+def run_fid(
+    pool: WorkerPool,
+    config: RunConfig,
+    settings: SampleSettings,
+    denoise_std: float | None,
+    reference: fidlib.ReferenceStats,
+    reference_path: Path,
+    out_dir: Path,
+) -> dict[str, Any]:
+    e = config.eval
+    png_dir = str(out_dir / "fid_samples") if e.fid_save_png else None
+    progress = Progress("fid", e.fid_num_samples, e.progress_every_s)
+    items = [(c, settings, denoise_std, e.denoise_step, png_dir) for c in _chunks(e.fid_num_samples, e.batch_size)]
+    results = pool.map("fid_chunk", items, progress, lambda r: r["count"])
+    timing = progress.finish()
+    stats = pool.gather_stats("fid")
+    metrics = fidlib.fid_and_kid(stats, reference, e.seed)
+    result = {
+        **metrics,
+        "feature_extractor": e.fid_feature_extractor,
+        "num_generated": stats.num,
+        "num_reference": int(reference.meta.get("num", 0)),
+        "reference": str(reference_path),
+        "reference_meta": reference.meta,
+        "denoised": denoise_std is not None,
+        "denoise_noise_std": denoise_std,
+        "num_nonfinite_redrawn": sum(r["redrawn"] for r in results),
+        "settings": asdict(settings),
+        "protocol": fidlib.PROTOCOL,
+        **timing,
+    }
+    if png_dir:
+        result["png_dir"] = png_dir
+    if e.fid_feature_extractor != "inception":
+        result["warning"] = f"feature_extractor={e.fid_feature_extractor}: a pipeline test, these numbers are not FID"
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Planning (all checks before Ray starts) and the whole evaluation
+
+
+def _check_data(config: RunConfig, split: str):
+    manifest = read_manifest(config.data.path, split)
+    m, size = config.model, config.data.image_size or manifest.image_size
+    if size != m.image_size or manifest.channels != m.in_channels:
+        raise ConfigError(
+            f"data.path={config.data.path} split {split} gives {manifest.channels}x{size}x{size} images but the "
+            f"checkpoint's model takes {m.in_channels}x{m.image_size}x{m.image_size} (set data.path / data.image_size)"
+        )
+    if m.num_classes and manifest.num_classes != m.num_classes:
+        raise ConfigError(
+            f"the checkpoint's model has {m.num_classes} classes but data.path={config.data.path} has "
+            f"{manifest.num_classes}: evaluate on the dataset it was trained on"
+        )
+    return manifest
+
+
+def _plan_fid(config: RunConfig, jobs: list[str]) -> tuple[Path, fidlib.ReferenceStats | None, bool]:
+    """Where the reference statistics are, the statistics when they are ready to use, and whether to build them.
+
+    eval.fid_reference="" means the cache next to the data, built on first use; an explicit path must exist
+    unless fid_stats is among the jobs. Cached statistics must match the extractor, the image size and (when the
+    training shards are readable) the shards' checksums, otherwise a FidError says how to rebuild them.
+    """
+    e = config.eval
+    if e.fid_feature_extractor == "inception":
+        fidlib.check_inception_weights(e.inception_path)
+    build = "fid_stats" in jobs
+    explicit = bool(e.fid_reference)
+    try:
+        manifest = _check_data(config, config.data.train_split)
+    except DataError:
+        if build or not explicit:
+            raise
+        manifest = None  # precomputed statistics can be used where the training shards are not mounted
+    if explicit:
+        path = Path(e.fid_reference).expanduser()
+    else:
+        path = fidlib.default_reference_path(
+            config.data.path, config.data.train_split, e.fid_feature_extractor, config.model.image_size
+        )
+    if build or "fid" not in jobs:
+        return path, None, build
+    if not explicit and not path.is_file():
+        return path, None, True  # the default cache next to the data: computed once, on first use
+    expect = {"extractor": e.fid_feature_extractor, "image_size": config.model.image_size}
+    if manifest is not None:
+        expect["data_fingerprint"] = _data_fingerprint(manifest)
+    return path, fidlib.load_reference(path, expect), False  # FidError: missing, stale or other settings
+
+
+def _denoise_std(config: RunConfig, noise: TrainingNoise) -> float:
+    return config.eval.denoise_noise_std or noise.noise_std
+
+
+def evaluate(
+    config: RunConfig,
+    checkpoint: CheckpointInfo,
+    out_dir: str | Path,
+    address: str | None = None,
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run config.eval.jobs on Ray workers and write OUT/metrics.json (+ PNG grids); returns the report."""
+    start = time.perf_counter()
+    e = config.eval
+    jobs = [j for j in JOB_ORDER if j in e.jobs]
+    out_dir = Path(out_dir)
+    noise = training_noise(checkpoint)
+    model = load_model(checkpoint.path)  # strict: weights must match the embedded config
+
+    # Every check that can fail before spending time on workers.
+    denoise_std = _denoise_std(config, noise)
+    if "denoise" in jobs and denoise_std <= 0:
+        raise ConfigError(
+            f"eval.jobs has denoise but the checkpoint was trained with data.noise={noise.noise} ({noise.source}): "
+            "there is no Gaussian noise to remove; set eval.denoise_noise_std>0 to denoise anyway"
+        )
+    fid_denoise_std = denoise_std if (e.fid_denoise and denoise_std > 0) else None
+    needs_data = bool({"bpd", "fid_stats", "fid"} & set(jobs))
+    if needs_data:
+        config.data.path = resolve_data_path(config.data)  # builds the bundled set once, here, not per worker
+    if "bpd" in jobs:
+        _check_data(config, config.data.eval_split)
+    reference_path, reference, build_reference = None, None, False
+    if "fid" in jobs or "fid_stats" in jobs:
+        reference_path, reference, build_reference = _plan_fid(config, jobs)
+    num_workers = e.num_workers or config.cluster.num_workers
+    settings = SampleSettings(e.seed, e.guidance, e.guidance_annealed, e.attn_temp, e.max_redraws)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    started = init_ray(address or config.cluster.address)
+    results: dict[str, Any] = {}
+    try:
+        pool = WorkerPool(model, config, num_workers)
+        try:
+            if "bpd" in jobs:
+                results["bpd"], per_image = run_bpd(pool, config, noise)
+                _write_per_image(per_image, out_dir / "bpd_per_image.csv")
+                results["bpd"]["per_image_file"] = str(out_dir / "bpd_per_image.csv")
+            if "sample" in jobs or "denoise" in jobs:
+                sampled = run_sampling(pool, config, settings, denoise_std if "denoise" in jobs else None, out_dir)
+                results["sample"] = {k: v for k, v in sampled.items() if k != "denoise"}
+                if "denoise" in jobs:
+                    results["denoise"] = {**sampled["denoise"], "files": sampled["files"]}
+            if build_reference:
+                results["fid_stats"] = run_fid_stats(pool, config, reference_path)
+            if "fid" in jobs:
+                if reference is None:
+                    reference = fidlib.load_reference(reference_path, {})
+                results["fid"] = run_fid(pool, config, settings, fid_denoise_std, reference, reference_path, out_dir)
+        finally:
+            pool.close()
+        cluster = {
+            "address": ray.get_runtime_context().gcs_address,
+            "num_workers": num_workers,
+            "worker_devices": pool.devices,
+            "worker_startup_s": pool.startup_s,
+            "use_gpu": config.cluster.use_gpu,
+            "cpus_per_worker": config.cluster.cpus_per_worker,
+            "num_nodes": len([n for n in ray.nodes() if n.get("Alive")]),
+        }
+    finally:
+        if started:
+            ray.shutdown()
+    report = build_report(config, checkpoint, noise, results, cluster, time.perf_counter() - start, argv)
+    report["metrics_file"] = str(out_dir / METRICS_FILE)
+    write_report(report, out_dir / METRICS_FILE)
+    return report
+
+
+def _write_per_image(per_image: dict[str, dict[str, float]], path: Path) -> None:
+    """key,<metric>... one row per held-out image, sorted by key: paired comparisons between checkpoints."""
+    names = sorted({n for row in per_image.values() for n in row})
+    lines = ["key," + ",".join(names)]
+    lines += [key + "," + ",".join(repr(per_image[key][n]) for n in names) for key in sorted(per_image)]
+    path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,88 @@
+"""The metrics JSON of an evaluation: results, every setting used, the checkpoint's checksum, software versions."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import file_sha256
+from ..config import RunConfig, to_dict
+from .resolve import CheckpointInfo, TrainingNoise
+
+# Distribution names (as pip knows them) whose versions every report records.
+PACKAGES = ("torch", "torchvision", "numpy", "deepspeed", "ray", "webdataset", "clean-fid", "tarflow-scale")
+
+
+def software_versions() -> dict[str, str | None]:
+    """Installed versions, read from package metadata (importing deepspeed just for this would be slow)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    import torch
+
+    versions["cuda"] = torch.version.cuda
+    return versions
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN/inf become null (strict JSON has neither); numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def build_report(
+    config: RunConfig,
+    checkpoint: CheckpointInfo,
+    noise: TrainingNoise,
+    results: dict[str, Any],
+    cluster: dict[str, Any],
+    seconds: float,
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
+    return _jsonable(
+        {
+            "checkpoint": {
+                "path": str(checkpoint.path.resolve()),
+                "kind": checkpoint.kind,
+                "resolved": str(checkpoint.resolved.resolve()),
+                "sha256": file_sha256(checkpoint.resolved),
+                "metadata": checkpoint.metadata,
+            },
+            "training_noise": {"noise": noise.noise, "noise_std": noise.noise_std, "source": noise.source},
+            "results": results,
+            "config": to_dict(config),
+            "cluster": cluster,
+            "versions": software_versions(),
+            "host": platform.node(),
+            "command": list(sys.argv if argv is None else argv),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": seconds,
+        }
+    )
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> Path:
+    """Strict JSON, written under a temporary name and renamed, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    return path
