@@ -69,11 +69,12 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+        # Keys without wrapper prefixes (activation checkpointing), so the shadow loads into a plain TarFlow.
+        self.shadow = {k: v.detach().float().clone() for k, v in strip_wrapper_prefixes(model.state_dict()).items()}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for key, value in model.state_dict().items():
+        for key, value in strip_wrapper_prefixes(model.state_dict()).items():
             self.shadow[key].lerp_(value.float(), 1.0 - self.decay)
 
 

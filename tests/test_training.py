@@ -204,3 +204,27 @@ def test_wrong_image_size_or_classes_is_named_before_any_worker_starts(dataset, 
     with pytest.raises(ConfigError, match=r"model.num_classes=5 but data.path=.* has 2 classes"):
         check_data_matches_model(run_config(dataset, tmp_path, "model.num_classes=5"))
     check_data_matches_model(run_config(dataset, tmp_path))  # the matching config passes
+
+
+def test_activation_checkpointing_and_ema(ray_cluster, dataset, tmp_path):
+    """Recomputed activations give the same losses; the EMA weights are checkpointed and export on request."""
+    from safetensors.torch import load_file
+
+    from tarflow_scale.cluster import launch
+
+    run_dir = tmp_path / "ckpt_ema"
+    launch(
+        run_config(
+            dataset, run_dir, "deepspeed.activation_checkpointing=true", "optim.ema_decay=0.5", "train.num_steps=3"
+        )
+    )
+    plain = tmp_path / "plain"
+    launch(run_config(dataset, plain, "train.num_steps=3"))
+    for step, loss in step_losses(plain).items():
+        assert abs(step_losses(run_dir)[step] - loss) < 1e-6, "activation checkpointing must not change the maths"
+    ema = export_checkpoint(run_dir, tmp_path / "ema.safetensors", use_ema=True)
+    raw = load_file(run_dir / "model.safetensors")
+    averaged = load_file(ema)
+    assert raw.keys() == averaged.keys(), "checkpoint-wrapper prefixes must not leak into exports"
+    assert any(not torch.equal(raw[k], averaged[k]) for k in raw), "EMA weights should lag the raw weights"
+    assert load_model(ema).config.num_classes == 2

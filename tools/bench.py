@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-data", action="store_true", help="skip the loader throughput (needs data.path)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.channels=256")
     args = parser.parse_args(argv)
     try:
@@ -144,6 +145,19 @@ def main(argv: list[str] | None = None) -> int:
         f"(batch {batch}, {train['step_s'] * 1e3:.1f} ms/step, "
         f"{train['flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * train['flops_per_s'] / peak:.1f}% of peak)"
     )
+    if not args.no_data:
+        from dataclasses import replace
+
+        from tarflow_scale.data import resolve_data_path
+        from tools.bench_data import loader_throughput
+
+        data = replace(config.data, path=resolve_data_path(config.data))
+        loader = loader_throughput(data, batch, num_batches=20)
+        print(
+            f"data loader:        {loader['images_per_s']:10.1f} images/s  ({data.num_workers} worker(s), "
+            f"{loader['images_per_s_per_worker']:.1f}/worker: {loader['images_per_s'] / train['images_per_s']:.1f}x "
+            "the training step's need)"
+        )
     print(f"sampling:           {plain:10.1f} images/s  (batch {args.sample_batch_size}, no guidance)")
     print(f"sampling, guided:   {guided:10.1f} images/s  (batch {args.sample_batch_size}, cond+uncond batched)")
     return 0
