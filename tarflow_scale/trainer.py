@@ -85,10 +85,11 @@ class LoopState:
     nonfinite_in_a_row: int = 0
 
 
-def _all_reduce(values: list[float], device: torch.device, op=None) -> list[float]:
+def _all_reduce(values: list[float | torch.Tensor], device: torch.device, op=None) -> list[float]:
+    """Reduce a few scalars (floats or 0-d tensors, kept on device until here) across ranks; one host sync."""
     import torch.distributed as dist
 
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
     dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
     return tensor.tolist()
 
@@ -259,6 +260,7 @@ def train_worker(config_dict: dict) -> None:
     num_dims = config.model.num_dims
     conditional = config.model.num_classes > 0
     loader, last_metrics = None, {}
+    # Loss terms accumulate on the device: reading them every micro-step would sync the GPU each time.
     window = {"loss": 0.0, "prior_nll": 0.0, "log_det": 0.0, "count": 0, "start": time.time(), "images": 0}
 
     while state.step < train.num_steps:
@@ -283,7 +285,7 @@ def train_worker(config_dict: dict) -> None:
                 log_det_per_dim = log_det.mean() / num_dims
                 loss = prior_nll - log_det_per_dim  # -log p(x) / D, nats
                 # Every rank must agree, or the ZeRO collectives in backward would deadlock.
-                (num_finite,) = _all_reduce([float(torch.isfinite(loss).item())], device)
+                (num_finite,) = _all_reduce([torch.isfinite(loss.detach())], device)  # the one sync per micro-step
                 if num_finite == world:
                     state.nonfinite_in_a_row = 0
                     break
@@ -300,9 +302,9 @@ def train_worker(config_dict: dict) -> None:
                     )
             engine.backward(loss)
             engine.step()
-            window["loss"] += loss.item()
-            window["prior_nll"] += prior_nll.item()
-            window["log_det"] += log_det_per_dim.item()
+            window["loss"] += loss.detach()
+            window["prior_nll"] += prior_nll.detach()
+            window["log_det"] += log_det_per_dim.detach()
             window["count"] += 1
         window["images"] += train.global_batch_size
         state.step += 1
