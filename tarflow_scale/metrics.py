@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+
+def emit(line: str) -> None:
+    """One progress line on stdout. Written directly: Ray Train 2.60 patches `print` in workers into its logger,
+    which shows every printed line twice on the driver."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def format_duration(seconds: float) -> str:
@@ -55,7 +63,7 @@ class MetricsLogger:
         eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
         shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
         pace = f"{rate:.2f} step/s | eta {format_duration(eta)}" if math.isfinite(rate) else "eta ?"
-        print(f"step {step}/{self.total_steps} | {shown} | {pace}", flush=True)
+        emit(f"step {step}/{self.total_steps} | {shown} | {pace}")
 
     def close(self) -> None:
         if self.writer is not None:

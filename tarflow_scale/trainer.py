@@ -28,7 +28,7 @@ from .data import DataStats, augment, make_train_loader
 from .deepspeed_config import build_deepspeed_config, resolve_precision
 from .flow import NULL_LABEL, TarFlow
 from .likelihood import LOG_2, LOG_BIN_WIDTH_8BIT
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, emit
 from .sampling import sample_indices, save_grid
 from .schedule import make_scheduler
 from .transformer import TransformerLayer
@@ -173,7 +173,7 @@ def _finish(engine, config: RunConfig, state: LoopState, logger: MetricsLogger, 
         state_dict = strip_wrapper_prefixes(model.state_dict())
         tag = f"step_{state.step:08d}"
         path = save_export(state_dict, config, Path(config.run_dir) / EXPORT_NAME, "live engine", tag, ema=False)
-        print(f"exported {path}", flush=True)
+        emit(f"exported {path}")
 
 
 def _save_checkpoint(engine, config: RunConfig, state: LoopState, metrics: dict, ema: EMA | None, rank: int) -> None:
@@ -293,7 +293,7 @@ def train_worker(config_dict: dict) -> None:
                 state.nonfinite_in_a_row += 1
                 attempt += 1
                 if rank == 0:
-                    print(f"step {state.step + 1}: non-finite loss, batch skipped ({state.nonfinite_total} so far)")
+                    emit(f"step {state.step + 1}: non-finite loss, batch skipped ({state.nonfinite_total} so far)")
                 if state.nonfinite_in_a_row >= train.max_nonfinite_in_a_row:
                     raise NonFiniteLossError(
                         f"{state.nonfinite_in_a_row} non-finite losses in a row at step {state.step + 1} "
