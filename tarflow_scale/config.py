@@ -72,9 +72,7 @@ class TarFlowConfig:
                 f"model.image_size={self.image_size} is not divisible by model.patch_size={self.patch_size}"
             )
         if self.channels % self.head_dim:
-            raise ConfigError(
-                f"model.channels={self.channels} is not divisible by model.head_dim={self.head_dim}"
-            )
+            raise ConfigError(f"model.channels={self.channels} is not divisible by model.head_dim={self.head_dim}")
         if self.num_tokens < 2:
             raise ConfigError("model: an image must have at least 2 patches (lower model.patch_size)")
         for name in ("in_channels", "channels", "num_blocks", "layers_per_block", "head_dim", "num_bins"):
@@ -364,9 +362,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s} (valid keys: {', '.join(sorted(names))})"
-        )
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s} (valid keys: {', '.join(sorted(names))})")
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
     return cls(**kwargs)
 
@@ -421,9 +417,7 @@ def read_yaml_mapping(path: str | Path) -> dict:
     return loaded
 
 
-def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, cls: type = RunConfig
-) -> Any:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = RunConfig) -> Any:
     """Defaults, then the YAML file at `path`, then dotted `overrides`; validated."""
     tree = read_yaml_mapping(path) if path is not None else {}
     tree = _merge(tree, parse_overrides(overrides or []))

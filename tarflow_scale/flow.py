@@ -84,9 +84,7 @@ class FlowBlock(nn.Module):
 
     def _head(self, h: Tensor) -> Tensor:
         """Transformer output (B, T', C) -> transform parameters (B, T', D, P)."""
-        return self.proj_out(self.norm_out(h)).unflatten(
-            -1, (self.config.token_dim, self.transform.num_params)
-        )
+        return self.proj_out(self.norm_out(h)).unflatten(-1, (self.config.token_dim, self.transform.num_params))
 
     def transform_params(self, x: Tensor, y: Tensor | None = None, attn_temp: Tensor | None = None) -> Tensor:
         """Parameters of every token's transform from a full causal pass. x: (B, T, D) in block order.
@@ -190,9 +188,7 @@ class TarFlow(nn.Module):
         c = self.config
         expected = (c.in_channels, c.image_size, c.image_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"expected images of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"expected images of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x: (B, C, H, W) -> z (B, C, H, W), log|det dz/dx| (B,) in nats, summed over all blocks and mixers."""

@@ -11,8 +11,7 @@ from torch import Tensor, nn
 from .config import ConfigError
 from .likelihood import GaussianPrior
 from .transformer import KVCache, LayerNorm32, TransformerLayer
-from .transforms import AffineTransform, TokenTransform
-from .transforms.sigmoidal import DeepSigmoidalTransform
+from .transforms import TokenTransform, build_transform
 
 
 @dataclass
@@ -45,22 +44,6 @@ class TNAFConfig:
             raise ConfigError(f"tnaf.channels={self.channels} is not divisible by tnaf.head_dim={self.head_dim}")
         if self.dsf_inverse_tol <= 0:
             raise ConfigError("tnaf.dsf_inverse_tol must be > 0")
-
-
-def build_tnaf_transform(config: TNAFConfig) -> TokenTransform:
-    if config.transform == "dsf":
-        return DeepSigmoidalTransform(config.dsf_hidden, config.dsf_stages, inverse_tol=config.dsf_inverse_tol)
-    if config.transform == "affine":
-        return AffineTransform()
-    if config.transform == "spline":
-        from .transforms.spline import RationalQuadraticSplineTransform
-
-        return RationalQuadraticSplineTransform(num_bins=config.num_bins, bound=config.spline_bound)
-    if config.transform == "mixture":
-        from .transforms.mixture import MixtureCDFTransform
-
-        return MixtureCDFTransform(num_components=config.num_components)
-    raise ValueError(f"tnaf.transform={config.transform!r} is not one of dsf, spline, mixture, affine")
 
 
 class TNAFLayer(nn.Module):
@@ -158,7 +141,7 @@ class TNAF(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.transform = build_tnaf_transform(config)
+        self.transform = build_transform(config)
         self.flows = nn.ModuleList(
             TNAFLayer(config, self.transform, reverse_order=bool(k % 2)) for k in range(config.num_flow_layers)
         )

@@ -67,9 +67,7 @@ class CausalSelfAttention(nn.Module):
         q = self._apply_temperature(q, attn_temp)
         return self._merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
-    def step(
-        self, h: Tensor, pos: int, cache: KVCache, layer: int, attn_temp: Tensor | None = None
-    ) -> Tensor:
+    def step(self, h: Tensor, pos: int, cache: KVCache, layer: int, attn_temp: Tensor | None = None) -> Tensor:
         """One token at position `pos` attending to cached positions [0, pos]. h: (B, 1, C)."""
         q, k, v = self._split_heads(h)
         cache.keys[layer, :, :, pos] = k[:, :, 0]
@@ -95,8 +93,6 @@ class TransformerLayer(nn.Module):
         h = h + self.attn(self.attn_norm(h), attn_temp)
         return h + self.mlp(self.mlp_norm(h))
 
-    def step(
-        self, h: Tensor, pos: int, cache: KVCache, layer: int, attn_temp: Tensor | None = None
-    ) -> Tensor:
+    def step(self, h: Tensor, pos: int, cache: KVCache, layer: int, attn_temp: Tensor | None = None) -> Tensor:
         h = h + self.attn.step(self.attn_norm(h), pos, cache, layer, attn_temp)
         return h + self.mlp(self.mlp_norm(h))

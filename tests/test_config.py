@@ -56,16 +56,12 @@ def test_wrong_type_is_named(tmp_path):
 
 def test_cross_field_validation():
     with pytest.raises(ConfigError, match="global_batch_size=30 is not divisible"):
-        load_config(
-            None, ["train.global_batch_size=30", "train.micro_batch_size=16", "cluster.num_workers=2"]
-        )
+        load_config(None, ["train.global_batch_size=30", "train.micro_batch_size=16", "cluster.num_workers=2"])
     with pytest.raises(ConfigError, match="not divisible by model.patch_size"):
         load_config(None, ["model.image_size=15"])
     with pytest.raises(ConfigError, match="needs model.prior=learned"):
         load_config(None, ["model.transform=affine_vp"])
-    config = load_config(
-        None, ["train.global_batch_size=64", "train.micro_batch_size=8", "cluster.num_workers=2"]
-    )
+    config = load_config(None, ["train.global_batch_size=64", "train.micro_batch_size=8", "cluster.num_workers=2"])
     assert config.grad_accum_steps == 4
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_flow import TRANSFORMS, available_transforms, full_jacobian, make_model
+from test_flow import TRANSFORMS, available_transforms, full_jacobian, make_model, naive_inverse
 
-from tarflow_scale import NULL_LABEL, TarFlow, TarFlowConfig, patchify, unpatchify
+from tarflow_scale import NULL_LABEL, TarFlow, TarFlowConfig
 from tarflow_scale.config import ConfigError, from_dict
 from tarflow_scale.mixing import (
     CirculantDiagonalMixer,
@@ -168,32 +168,6 @@ def test_mixers_change_the_model():
     assert (z0 - z1).abs().max() > 1e-2 and (ld0 - ld1).abs().max() > 1e-2
 
 
-def naive_inverse_with_mixers(model, z, y=None, guidance=0.0, annealed=False, attn_temp=1.0):
-    """Reference sampler: dense solves for the mixers, a full causal pass (no cache) for every token."""
-    c = model.config
-    tokens = patchify(z, c.patch_size)
-    B = z.shape[0]
-    null = None if not c.num_classes else torch.full((B,), NULL_LABEL)
-    for k in reversed(range(c.num_blocks)):
-        if k < c.num_blocks - 1:
-            W = model.mixers[k].matrix().to(tokens.dtype)
-            tokens = torch.linalg.solve(W, tokens.transpose(1, 2)).transpose(1, 2)  # x_t = W^{-1} y_t
-        block = model.blocks[k]
-        zb = block.permute(tokens)
-        x = zb.clone()
-        T = x.shape[1]
-        for t in range(T - 1):
-            cond = block.transform_params(x, y)[:, t + 1]
-            if guidance:
-                temps = torch.full((B,), attn_temp, dtype=z.dtype)
-                uncond = block.transform_params(x, null, temps)[:, t + 1]
-                w = guidance * (t + 1) / (T - 1) if annealed else guidance
-                cond = cond + w * (cond - uncond)
-            x[:, t + 1] = block.transform.inverse(zb[:, t + 1], cond)
-        tokens = block.permute(x)
-    return unpatchify(tokens, c.patch_size, c.in_channels, c.image_size)
-
-
 @pytest.mark.parametrize("mixer", MIXER_KINDS)
 @pytest.mark.parametrize("transform", available_transforms())
 @pytest.mark.parametrize(
@@ -206,7 +180,7 @@ def test_model_with_mixers_cached_sampler_equals_naive_sampler(
     z = torch.randn(3, 2, 4, 4, dtype=torch.float64)
     y = None if not num_classes else torch.tensor([0, 2, 1])
     with torch.no_grad():
-        naive = naive_inverse_with_mixers(model, z, y, guidance, annealed, attn_temp)
+        naive = naive_inverse(model, z, y, guidance, annealed, attn_temp)
     cached = model.inverse(z, y, guidance=guidance, guidance_annealed=annealed, attn_temp=attn_temp)
     torch.testing.assert_close(cached, naive, atol=1e-9, rtol=0)
 

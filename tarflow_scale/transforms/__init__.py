@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..config import TarFlowConfig
 from .affine import AffineTransform, VolumePreservingAffineTransform
 from .base import TokenTransform, at_least_fp32
 
@@ -15,7 +14,8 @@ __all__ = [
 ]
 
 
-def build_transform(config: TarFlowConfig) -> TokenTransform:
+def build_transform(config) -> TokenTransform:
+    """The transform named by `config.transform` (a TarFlowConfig or TNAFConfig: any object with the fields)."""
     if config.transform == "affine":
         return AffineTransform()
     if config.transform == "affine_vp":
@@ -28,4 +28,8 @@ def build_transform(config: TarFlowConfig) -> TokenTransform:
         from .mixture import MixtureCDFTransform
 
         return MixtureCDFTransform(num_components=config.num_components)
-    raise ValueError(f"model.transform={config.transform!r} is not one of affine, affine_vp, spline, mixture")
+    if config.transform == "dsf":
+        from .sigmoidal import DeepSigmoidalTransform
+
+        return DeepSigmoidalTransform(config.dsf_hidden, config.dsf_stages, inverse_tol=config.dsf_inverse_tol)
+    raise ValueError(f"transform={config.transform!r} is not one of affine, affine_vp, spline, mixture, dsf")
