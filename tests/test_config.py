@@ -100,3 +100,8 @@ def test_required_overrides_are_accepted():
     )
     assert (config.run_dir, config.train.num_steps, config.cluster.num_workers) == ("/tmp/r", 3, 1)
     assert (config.deepspeed.zero_stage, config.data.path) == (3, "/d")
+
+
+def test_tiny_yaml_is_the_builtin_default():
+    """The Quickstart runs the built-in defaults; configs/tiny.yaml documents them and must not drift."""
+    assert load_config(CONFIG_DIR / "tiny.yaml") == load_config(None)
