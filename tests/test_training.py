@@ -138,6 +138,10 @@ def check_export_matches_engine(run_dir: Path, tmp_path: Path) -> None:
 def test_zero2_trains_checkpoints_and_exports(zero2_run, tmp_path):
     check_finished_run(zero2_run)
     check_export_matches_engine(zero2_run, tmp_path)
+    # A run directory loads directly (its newest checkpoint, consolidated on the fly) into the same weights.
+    from_run_dir = load_model(zero2_run).state_dict()
+    exported = load_model(zero2_run / "model.safetensors").state_dict()
+    assert all(torch.equal(from_run_dir[k], exported[k]) for k in exported)
 
 
 def test_zero3_trains_checkpoints_and_exports(ray_cluster, dataset, tmp_path):
