@@ -8,7 +8,6 @@ the optimizer and our lr scheduler.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import signal
@@ -31,6 +30,7 @@ from .likelihood import LOG_2, LOG_BIN_WIDTH_8BIT
 from .metrics import MetricsLogger, emit
 from .sampling import sample_indices, save_grid
 from .schedule import make_scheduler
+from .seeding import derive_seed
 from .transformer import TransformerLayer
 
 FAULT_MARKER = ".fault_injected"
@@ -38,12 +38,6 @@ FAULT_MARKER = ".fault_injected"
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row: the run stops, its last good checkpoint untouched."""
-
-
-def derive_seed(*parts: object) -> int:
-    """A stable 63-bit seed from any tuple of parts (Python's hash() is salted per process)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

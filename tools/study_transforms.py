@@ -72,7 +72,8 @@ from tarflow_scale.flow import TarFlow
 from tarflow_scale.likelihood import LOG_2, LOG_BIN_WIDTH_8BIT
 from tarflow_scale.metrics import format_duration
 from tarflow_scale.sampling import sample_indices
-from tarflow_scale.trainer import derive_seed, param_groups
+from tarflow_scale.seeding import derive_seed
+from tarflow_scale.trainer import param_groups
 
 
 @dataclasses.dataclass(frozen=True)

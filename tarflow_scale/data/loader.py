@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import random
@@ -17,6 +16,7 @@ import webdataset as wds
 from torch import Tensor
 
 from ..config import DataConfig
+from ..seeding import derive_seed
 from .bundled import resolve_data_path
 from .manifest import DataError, Manifest, join, read_manifest
 
@@ -35,11 +35,6 @@ class DataStats:
 
     def as_metrics(self) -> dict[str, float]:
         return {"data/skipped": float(self.skipped), "data/samples": float(self.samples)}
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed from integers; stable across processes and Python runs (unlike hash() of a str)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
 def _output_size(cfg: DataConfig, manifest: Manifest) -> int:
@@ -144,7 +139,7 @@ class _TrainStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, int, str]]:
         info = torch.utils.data.get_worker_info()
-        base = _seed(*self.seed_parts, info.id if info is not None else 0)
+        base = derive_seed(*self.seed_parts, info.id if info is not None else 0)
         counter = _SkipCounter(self.cfg.max_corrupt_in_a_row)
         stages = [
             # Shards drawn with replacement, endlessly: no epoch boundary at which ranks must agree.
