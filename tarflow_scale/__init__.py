@@ -1,8 +1,8 @@
 """tarflow_scale: distributed TarFlow training, evaluation and export."""
 
 from .config import RunConfig, TarFlowConfig, load_config
-from .flow import NULL_LABEL, FlowBlock, TarFlow, patchify, unpatchify
-from .likelihood import LOG_BIN_WIDTH_8BIT, bits_per_dim
+from .models.likelihood import LOG_BIN_WIDTH_8BIT, bits_per_dim
+from .models.tarflow import NULL_LABEL, FlowBlock, TarFlow, patchify, unpatchify
 
 __all__ = [
     "LOG_BIN_WIDTH_8BIT",

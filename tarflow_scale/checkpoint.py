@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from .config import RunConfig, TarFlowConfig, from_dict, model_config_from_dict, to_dict
-from .flow import TarFlow
+from .models.tarflow import TarFlow
 
 CONFIG_FILE = "config.yaml"  # the resolved run config, written into every checkpoint folder
 EXPORT_NAME = "model.safetensors"  # the slim export the trainer writes into run_dir at the end

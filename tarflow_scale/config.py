@@ -403,11 +403,40 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+# The recipes shipped inside the package (in a checkout, a symlink to the repository's `configs/`).
+SHIPPED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_config_names() -> list[str]:
+    """Names accepted by `--config NAME`: the shipped YAML files relative to the configs folder, no suffix."""
+    if not SHIPPED_CONFIG_DIR.is_dir():
+        return []
+    return sorted(
+        p.relative_to(SHIPPED_CONFIG_DIR).with_suffix("").as_posix() for p in SHIPPED_CONFIG_DIR.rglob("*.yaml")
+    )
+
+
+def resolve_config_path(ref: str | Path) -> Path:
+    """A config file path, or the name of a shipped recipe (`imagenet64_cond`, `tabular/tnaf_digits`).
+
+    An existing file wins; otherwise the name is looked up among the shipped configs, with or without `.yaml`
+    and with or without a leading `configs/`, so the README's `--config configs/X.yaml` works from any folder.
+    """
+    path = Path(ref)
+    if path.is_file():
+        return path
+    name = path.as_posix().removesuffix(".yaml").removesuffix(".yml")
+    name = name.removeprefix("./").removeprefix("configs/")
+    shipped = SHIPPED_CONFIG_DIR / f"{name}.yaml"
+    if not path.is_absolute() and shipped.is_file():
+        return shipped
+    names = ", ".join(shipped_config_names()) or "(none found)"
+    raise ConfigError(f"config file {ref} does not exist, and it is not a shipped config; shipped names: {names}")
+
+
 def read_yaml_mapping(path: str | Path) -> dict:
-    """The top-level mapping of a YAML config file; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    """The top-level mapping of a YAML config file (a path or a shipped config's name); errors name the file."""
+    path = resolve_config_path(path)
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

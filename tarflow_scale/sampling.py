@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .flow import TarFlow
+from .models.tarflow import TarFlow
 
 # Large odd multiplier so (seed, index) pairs map to well-separated generator seeds.
 _SEED_STRIDE = 1_000_003

@@ -21,6 +21,7 @@ import torchvision.transforms.v2.functional as TF
 import webdataset as wds
 from PIL import Image
 
+import tarflow_scale.cli.data as data_cli
 from tarflow_scale.config import DataConfig
 from tarflow_scale.data import (
     BIN_WIDTH,
@@ -38,7 +39,6 @@ from tarflow_scale.data import (
     write_split,
 )
 from tarflow_scale.data.manifest import file_sha256
-from tools import data as data_cli
 
 # ----------------------------------------------------------------------------------------------------------
 # Fixtures: tiny datasets in the official ImageNet64 .npz layout, converted to shards

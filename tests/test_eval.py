@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eval import run as eval_cli
+import tarflow_scale.cli.eval as eval_cli
 from tarflow_scale.checkpoint import file_sha256, save_export
 from tarflow_scale.config import ConfigError, DataConfig, RunConfig, TarFlowConfig, dump_config
 from tarflow_scale.data import make_eval_loader, read_manifest, write_split
@@ -24,7 +24,7 @@ from tarflow_scale.evaluation.bpd import batch_bits_per_dim, summarize
 from tarflow_scale.evaluation.denoise import score, tweedie_denoise
 from tarflow_scale.evaluation.generate import NonFiniteSamplesError, SampleSettings, generate, redraw_seed
 from tarflow_scale.evaluation.resolve import default_out_dir, inspect_checkpoint, resolve_config
-from tarflow_scale.flow import TarFlow
+from tarflow_scale.models.tarflow import TarFlow
 from tarflow_scale.sampling import per_sample_noise
 
 SIZE, CLASSES = 8, 3  # tiny 8x8 RGB images, 3 classes

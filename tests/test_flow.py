@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tarflow_scale import NULL_LABEL, TarFlow, TarFlowConfig, patchify, unpatchify
-from tarflow_scale.transforms import AffineTransform
+from tarflow_scale.models.transforms import AffineTransform
 
 # Every model variant the generic checks run over: (transform, extra config, inverse tolerance).
 TRANSFORMS = {

@@ -8,7 +8,7 @@ from test_flow import TRANSFORMS, available_transforms, full_jacobian, make_mode
 
 from tarflow_scale import NULL_LABEL, TarFlow, TarFlowConfig
 from tarflow_scale.config import ConfigError, from_dict
-from tarflow_scale.mixing import (
+from tarflow_scale.models.mixing import (
     CirculantDiagonalMixer,
     FeaturePermutation,
     build_mixer,

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tarflow_scale.config import load_config
-from tarflow_scale.deepspeed_config import build_deepspeed_config
-from tarflow_scale.schedule import make_scheduler, warmup_cosine_factor
+from tarflow_scale.training.deepspeed_config import build_deepspeed_config
+from tarflow_scale.training.schedule import make_scheduler, warmup_cosine_factor
 
 
 def test_warmup_then_cosine_never_climbs_again():

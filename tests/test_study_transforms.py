@@ -6,9 +6,11 @@ import json
 import math
 
 import pytest
+from conftest import load_tool
 
 from tarflow_scale.data import bundled
-from tools import study_transforms
+
+study_transforms = load_tool("study_transforms")
 
 
 @pytest.fixture

@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from tarflow_scale.config import ConfigError, load_config
-from tarflow_scale.maf import MAF, MAFConfig
-from tarflow_scale.tabular import (
+from tarflow_scale.data.tabular import (
     DIGITS_NUM_LEVELS,
     TNAFRunConfig,
     dequantize_digits,
     digits_levels_split,
     load_digits_split,
 )
-from tarflow_scale.tnaf import TNAF, TNAFConfig
-from tarflow_scale.transforms.sigmoidal import DeepSigmoidalTransform
+from tarflow_scale.models.maf import MAF, MAFConfig
+from tarflow_scale.models.tnaf import TNAF, TNAFConfig
+from tarflow_scale.models.transforms.sigmoidal import DeepSigmoidalTransform
 
 F64 = torch.float64
 EPS = torch.finfo(F64).eps
@@ -336,7 +336,7 @@ def test_study_config_loads_with_sizes_for_the_study(tmp_path):
     assert config.tnaf.channels == 16 and config.tarflow.patch_size == 1 and config.tarflow.image_size == 8
     shipped = load_config(STUDY_CONFIG, cls=TNAFRunConfig)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    from tarflow_scale.flow import TarFlow
+    from tarflow_scale.models.tarflow import TarFlow
 
     tnaf, tarflow, maf = count(TNAF(shipped.tnaf)), count(TarFlow(shipped.tarflow)), count(MAF(shipped.maf))
     assert tarflow / tnaf >= 8, "the study's T-NAF should have about 10x fewer parameters than its TarFlow"
@@ -350,7 +350,9 @@ def test_study_config_loads_with_sizes_for_the_study(tmp_path):
 
 
 def test_study_runs_end_to_end(tmp_path, capsys):
-    from tools.study_tnaf import main
+    from conftest import load_tool
+
+    main = load_tool("study_tnaf").main
 
     tiny = [
         f"run_dir={tmp_path}",

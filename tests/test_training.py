@@ -14,8 +14,8 @@ from tarflow_scale.checkpoint import CheckpointError, export_checkpoint, latest_
 from tarflow_scale.config import load_config
 from tarflow_scale.data import write_split
 from tarflow_scale.data.sources import ArraySource
-from tarflow_scale.metrics import read_metrics
-from tarflow_scale.trainer import probe_batch
+from tarflow_scale.training.metrics import read_metrics
+from tarflow_scale.training.trainer import probe_batch
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ NUM_STEPS = 6
 def ray_cluster():
     import ray
 
-    from tarflow_scale.cluster import init_ray
+    from tarflow_scale.training.cluster import init_ray
 
     init_ray("local")
     yield
@@ -90,7 +90,7 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def zero2_run(ray_cluster, dataset, tmp_path_factory) -> Path:
-    from tarflow_scale.cluster import launch
+    from tarflow_scale.training.cluster import launch
 
     run_dir = tmp_path_factory.mktemp("runs") / "zero2"
     launch(run_config(dataset, run_dir, "deepspeed.zero_stage=2"))
@@ -145,7 +145,7 @@ def test_zero2_trains_checkpoints_and_exports(zero2_run, tmp_path):
 
 
 def test_zero3_trains_checkpoints_and_exports(ray_cluster, dataset, tmp_path):
-    from tarflow_scale.cluster import launch
+    from tarflow_scale.training.cluster import launch
 
     run_dir = tmp_path / "zero3"
     launch(run_config(dataset, run_dir, "deepspeed.zero_stage=3"))
@@ -154,7 +154,7 @@ def test_zero3_trains_checkpoints_and_exports(ray_cluster, dataset, tmp_path):
 
 
 def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted(zero2_run, dataset, tmp_path):
-    from tarflow_scale.cluster import launch
+    from tarflow_scale.training.cluster import launch
 
     run_dir = tmp_path / "killed"
     launch(run_config(dataset, run_dir, "train.fault_at_step=4", "cluster.max_failures=1"))
@@ -167,7 +167,7 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted(zero2_
 
 
 def test_rerunning_a_failed_run_resumes_where_it_stopped(zero2_run, dataset, tmp_path):
-    from tarflow_scale.cluster import launch
+    from tarflow_scale.training.cluster import launch
 
     run_dir = tmp_path / "rerun"
     config = run_config(dataset, run_dir, "train.fault_at_step=4", "cluster.max_failures=0")
@@ -183,7 +183,7 @@ def test_rerunning_a_failed_run_resumes_where_it_stopped(zero2_run, dataset, tmp
 
 
 def test_nonfinite_losses_stop_the_run_with_a_clear_error(ray_cluster, dataset, tmp_path):
-    from tarflow_scale.cluster import launch
+    from tarflow_scale.training.cluster import launch
 
     run_dir = tmp_path / "nan"
     config = run_config(dataset, run_dir, "data.noise_std=.inf", "train.max_nonfinite_in_a_row=2")
@@ -200,8 +200,8 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_wrong_image_size_or_classes_is_named_before_any_worker_starts(dataset, tmp_path):
-    from tarflow_scale.cluster import check_data_matches_model
     from tarflow_scale.config import ConfigError
+    from tarflow_scale.training.cluster import check_data_matches_model
 
     with pytest.raises(ConfigError, match=r"holds 3x8x8 images but the model expects 3x16x16"):
         check_data_matches_model(run_config(dataset, tmp_path, "model.image_size=16"))
@@ -214,7 +214,7 @@ def test_activation_checkpointing_and_ema(ray_cluster, dataset, tmp_path):
     """Recomputed activations give the same losses; the EMA weights are checkpointed and export on request."""
     from safetensors.torch import load_file
 
-    from tarflow_scale.cluster import launch
+    from tarflow_scale.training.cluster import launch
 
     run_dir = tmp_path / "ckpt_ema"
     launch(

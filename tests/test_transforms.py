@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tarflow_scale.transforms import AffineTransform, TokenTransform, VolumePreservingAffineTransform
-from tarflow_scale.transforms.mixture import MixtureCDFTransform
-from tarflow_scale.transforms.spline import RationalQuadraticSplineTransform
+from tarflow_scale.models.transforms import AffineTransform, TokenTransform, VolumePreservingAffineTransform
+from tarflow_scale.models.transforms.mixture import MixtureCDFTransform
+from tarflow_scale.models.transforms.spline import RationalQuadraticSplineTransform
 
 D = 6  # dimensions per token
 PARAM_SCALE = 1.5  # random head outputs of a size that bends the transforms well away from the identity

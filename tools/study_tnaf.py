@@ -13,7 +13,7 @@ standard error over images, train nats/dim, optimizer steps done, the step whose
 non-finite losses skipped. The resolved config
 and the results are written to run_dir (config.yaml, results.json). Example:
 
-    python -m tools.study_tnaf --config configs/tabular/tnaf_digits.yaml study.budget_s=45
+    python tools/study_tnaf.py --config configs/tabular/tnaf_digits.yaml study.budget_s=45
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ import yaml
 from torch import Tensor, nn
 
 from tarflow_scale.config import ConfigError, dump_config, load_config, to_dict
-from tarflow_scale.flow import TarFlow
-from tarflow_scale.maf import MAF, MaskedLinear
-from tarflow_scale.tabular import (
+from tarflow_scale.data.tabular import (
     DIGITS_IMAGE_SIZE,
     LOG_BIN_WIDTH_DIGITS,
     TNAFRunConfig,
@@ -40,7 +38,9 @@ from tarflow_scale.tabular import (
     digits_levels_split,
     val_noise_seed,
 )
-from tarflow_scale.tnaf import TNAF
+from tarflow_scale.models.maf import MAF, MaskedLinear
+from tarflow_scale.models.tarflow import TarFlow
+from tarflow_scale.models.tnaf import TNAF
 
 
 def build_model(name: str, config: TNAFRunConfig) -> nn.Module:
@@ -194,10 +194,10 @@ def format_table(results: list[dict]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m tools.study_tnaf",
+        prog="python tools/study_tnaf.py",
         description="Held-out nats/dim of T-NAF vs TarFlow (patch size 1) vs MAF on the digits at equal "
         "wall-clock training time.",
-        epilog="example: python -m tools.study_tnaf --config configs/tabular/tnaf_digits.yaml study.budget_s=45",
+        epilog="example: python tools/study_tnaf.py --config configs/tabular/tnaf_digits.yaml study.budget_s=45",
     )
     parser.add_argument("--config", help="YAML study config (configs/tabular/); defaults to the built-in one")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")

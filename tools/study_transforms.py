@@ -43,8 +43,8 @@ Choices that make the numbers comparable:
 
 Example (about 8 minutes: 5 x 90 s of training plus evaluation and sampling):
 
-    python -m tools.study_transforms --budget-s 90 --out runs/study_transforms
-    python -m tools.study_transforms --budget-s 30 --variants affine spline4 model.channels=32
+    python tools/study_transforms.py --budget-s 90 --out runs/study_transforms
+    python tools/study_transforms.py --budget-s 30 --variants affine spline4 model.channels=32
 """
 
 from __future__ import annotations
@@ -68,12 +68,12 @@ from torch import Tensor
 from tarflow_scale.config import ConfigError, RunConfig, load_config, to_dict
 from tarflow_scale.data import augment, make_eval_loader
 from tarflow_scale.evaluation.bpd import batch_bits_per_dim, summarize
-from tarflow_scale.flow import TarFlow
-from tarflow_scale.likelihood import LOG_2, LOG_BIN_WIDTH_8BIT
-from tarflow_scale.metrics import format_duration
+from tarflow_scale.models.likelihood import LOG_2, LOG_BIN_WIDTH_8BIT
+from tarflow_scale.models.tarflow import TarFlow
 from tarflow_scale.sampling import sample_indices
 from tarflow_scale.seeding import derive_seed
-from tarflow_scale.trainer import param_groups
+from tarflow_scale.training.metrics import format_duration
+from tarflow_scale.training.trainer import param_groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,7 +411,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     first = __doc__.split("\n\n")[0]
-    parser = argparse.ArgumentParser(prog="python -m tools.study_transforms", description=first)
+    parser = argparse.ArgumentParser(prog="python tools/study_transforms.py", description=first)
     parser.add_argument("--budget-s", type=float, default=120.0, help="training wall-clock seconds per model")
     parser.add_argument(
         "--image-size", type=int, default=16, help="side the loader area-downsamples to (model and data)"

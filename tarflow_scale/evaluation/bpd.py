@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from ..data import augment
-from ..flow import TarFlow
-from ..likelihood import LOG_BIN_WIDTH_8BIT, bits_per_dim
+from ..models.likelihood import LOG_BIN_WIDTH_8BIT, bits_per_dim
+from ..models.tarflow import TarFlow
 
 NoiseKind = Literal["uniform", "gaussian"]
 

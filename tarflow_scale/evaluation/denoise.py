@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..flow import TarFlow
+from ..models.tarflow import TarFlow
 
 
 def score(model: TarFlow, x: Tensor, y: Tensor | None = None) -> Tensor:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..flow import TarFlow
+from ..models.tarflow import TarFlow
 from ..sampling import sample_indices
 
 

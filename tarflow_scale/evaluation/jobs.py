@@ -23,7 +23,7 @@ from ray.util import ActorPool
 from ..checkpoint import load_model
 from ..config import ConfigError, RunConfig, TarFlowConfig, from_dict, to_dict
 from ..data import DataError, make_eval_loader, read_manifest, resolve_data_path
-from ..flow import TarFlow
+from ..models.tarflow import TarFlow
 from ..sampling import save_grid, to_uint8
 from . import fid as fidlib
 from .bpd import batch_bits_per_dim, summarize

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ConfigError
-from .likelihood import GaussianPrior
+from ..config import ConfigError
+from .priors import GaussianPrior
 
 
 @dataclass

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .config import TarFlowConfig
-from .likelihood import GaussianPrior, bits_per_dim
+from ..config import TarFlowConfig
+from .likelihood import bits_per_dim
 from .mixing import build_mixer
+from .priors import GaussianPrior
 from .transformer import KVCache, LayerNorm32, TransformerLayer
 from .transforms import TokenTransform, build_transform
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, dump_config, to_dict
-from .data import read_manifest, resolve_data_path
+from ..config import ConfigError, RunConfig, dump_config, to_dict
+from ..data import read_manifest, resolve_data_path
 
 DEFAULT_EXTENSIONS_DIR = Path.home() / ".cache" / "tarflow_scale" / "torch_extensions"
 

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         return 0
-    from tarflow_scale.cluster import launch
+    from tarflow_scale.training.cluster import launch
 
     try:
         launch(config, address=args.address)

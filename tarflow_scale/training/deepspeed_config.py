@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import RunConfig
+from ..config import RunConfig
 
 
 def resolve_precision(config: RunConfig) -> str:

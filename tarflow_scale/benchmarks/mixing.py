@@ -10,7 +10,7 @@ Dense baselines:
   * train step:  forward + log-det + backward to x and W (what one training step pays per mixer)
 CDFlow pays O(m n log n) for each, with no factorisation to cache. Example:
 
-    python -m tools.bench_mixing --sizes 48 96 192 768 --tokens 4096 --factors 2
+    tarflow-bench mixing --sizes 48 96 192 768 --tokens 4096 --factors 2
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import platform
 import torch
 from torch.utils import benchmark
 
-from tarflow_scale.mixing import CirculantDiagonalMixer
+from tarflow_scale.models.mixing import CirculantDiagonalMixer
 
 
 def _time(fn, min_run_time: float) -> float:
@@ -84,7 +84,9 @@ def bench_size(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tarflow-bench mixing", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[48, 96, 192, 768], help="feature sizes n")
     parser.add_argument("--tokens", type=int, default=4096, help="token vectors per call (B x T)")
     parser.add_argument("--factors", type=int, default=2, help="CDFlow circulant factors m")

@@ -21,17 +21,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CONFIG_FILE, EMA_FILE, EXPORT_NAME, read_run_config, save_export, strip_wrapper_prefixes
-from .config import RunConfig, dump_config, from_dict
-from .data import DataStats, augment, make_train_loader
+from ..checkpoint import CONFIG_FILE, EMA_FILE, EXPORT_NAME, read_run_config, save_export, strip_wrapper_prefixes
+from ..config import RunConfig, dump_config, from_dict
+from ..data import DataStats, augment, make_train_loader
+from ..models.likelihood import LOG_2, LOG_BIN_WIDTH_8BIT
+from ..models.tarflow import NULL_LABEL, TarFlow
+from ..models.transformer import TransformerLayer
+from ..sampling import sample_indices, save_grid
+from ..seeding import derive_seed
 from .deepspeed_config import build_deepspeed_config, resolve_precision
-from .flow import NULL_LABEL, TarFlow
-from .likelihood import LOG_2, LOG_BIN_WIDTH_8BIT
 from .metrics import MetricsLogger, emit
-from .sampling import sample_indices, save_grid
 from .schedule import make_scheduler
-from .seeding import derive_seed
-from .transformer import TransformerLayer
 
 FAULT_MARKER = ".fault_injected"
 

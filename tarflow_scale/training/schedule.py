@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .config import OptimConfig
+from ..config import OptimConfig
 
 
 def warmup_cosine_factor(step: int, num_steps: int, warmup_steps: int, min_ratio: float) -> float:

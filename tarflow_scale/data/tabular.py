@@ -18,9 +18,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .config import ConfigError, TarFlowConfig
-from .maf import MAFConfig
-from .tnaf import TNAFConfig
+from ..config import ConfigError, TarFlowConfig
+from ..models.maf import MAFConfig
+from ..models.tnaf import TNAFConfig
 
 DIGITS_NUM_LEVELS = 17  # pixel values 0..16
 DIGITS_IMAGE_SIZE = 8

@@ -1,4 +1,4 @@
-"""`tarflow-bench`: single-process throughput of a config — training and sampling images/s, achieved FLOP/s.
+"""`tarflow-bench [model]`: single-process throughput of a config — training and sampling images/s, achieved FLOP/s.
 
 FLOPs are counted by torch's FlopCounterMode on one real step (not estimated by formula); the peak is a
 large matmul timed in the same run, on the same device and dtype, so the fraction is honest for this machine.
@@ -14,7 +14,7 @@ import time
 import torch
 
 from tarflow_scale.config import ConfigError, load_config
-from tarflow_scale.flow import TarFlow
+from tarflow_scale.models.tarflow import TarFlow
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
@@ -82,26 +82,8 @@ def bench_sampling(model: TarFlow, batch: int, device: torch.device, guidance: f
     return batch / (time.perf_counter() - start)
 
 
-# Other benchmarks, reached as `tarflow-bench NAME ...` (each also runs as `python -m tools.bench_NAME`).
-SUITES = {
-    "zero": "tools.bench_zero",  # ZeRO stages 1/2/3 under Ray Train: images/s and peak memory per rank
-    "data": "tools.bench_data",  # loader images/s per worker
-    "eval": "tools.bench_eval",  # sampling / denoising / bits-per-dim images/s
-    "mixing": "tools.bench_mixing",  # CDFlow vs dense mixing
-}
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in SUITES:
-        import importlib
-
-        return importlib.import_module(SUITES[argv[0]]).main(argv[1:])
-    parser = argparse.ArgumentParser(
-        prog="tarflow-bench",
-        description=__doc__,
-        epilog="other suites: " + ", ".join(f"tarflow-bench {name} --help" for name in SUITES),
-    )
+    parser = argparse.ArgumentParser(prog="tarflow-bench model", description=__doc__)
     parser.add_argument("--config", help="YAML run config (default: the built-in tiny run)")
     parser.add_argument("--batch-size", type=int, default=0, help="training batch (default: train.micro_batch_size)")
     parser.add_argument("--sample-batch-size", type=int, default=16)
@@ -148,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_data:
         from dataclasses import replace
 
+        from tarflow_scale.benchmarks.data import loader_throughput
         from tarflow_scale.data import resolve_data_path
-        from tools.bench_data import loader_throughput
 
         data = replace(config.data, path=resolve_data_path(config.data))
         loader = loader_throughput(data, batch, num_batches=20)

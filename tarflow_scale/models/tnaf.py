@@ -8,8 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError
-from .likelihood import GaussianPrior
+from ..config import ConfigError
+from .priors import GaussianPrior
 from .transformer import KVCache, LayerNorm32, TransformerLayer
 from .transforms import TokenTransform, build_transform
 

@@ -1,4 +1,4 @@
-"""`python -m tools.bench_eval`: evaluation throughput of one worker — sampling images/s with and without
+"""`tarflow-bench eval`: evaluation throughput of one worker — sampling images/s with and without
 guidance and Tweedie denoising, and exact bits/dim images/s — for the tiny and a mid-size config.
 
 Measures the library functions each Ray worker runs (generate, tweedie_denoise, batch_bits_per_dim) in this
@@ -19,7 +19,7 @@ from tarflow_scale.config import ConfigError, TarFlowConfig, load_config
 from tarflow_scale.evaluation.bpd import batch_bits_per_dim
 from tarflow_scale.evaluation.denoise import tweedie_denoise
 from tarflow_scale.evaluation.generate import SampleSettings, generate
-from tarflow_scale.flow import TarFlow
+from tarflow_scale.models.tarflow import TarFlow
 
 # A mid-size model at the tiny run's resolution: 3x wider, deeper blocks (~40M parameters).
 MID_OVERRIDES = ["model.channels=384", "model.head_dim=64", "model.num_blocks=6", "model.layers_per_block=4"]
@@ -90,7 +90,7 @@ COLUMNS = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench_eval", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tarflow-bench eval", description=__doc__)
     parser.add_argument("--config", default="configs/tiny.yaml", help="the small config (default configs/tiny.yaml)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per workload; the fastest counts")

@@ -12,7 +12,7 @@ from tarflow_scale.data import make_train_loader
 def loader_throughput(cfg: DataConfig, batch_size: int, num_batches: int = 50, warmup_batches: int = 5) -> dict:
     """Images/s of `make_train_loader(cfg, ...)` on rank 0, after `warmup_batches` (worker start-up and
     shuffle-buffer fill are excluded). `images_per_s_per_worker` divides by max(1, cfg.num_workers): with
-    num_workers=0 the main process does the work. tools/bench.py prints it beside the step rate."""
+    num_workers=0 the main process does the work. `tarflow-bench model` prints it beside the step rate."""
     loader = iter(make_train_loader(cfg, batch_size, rank=0, world_size=1, seed=0))
     for _ in range(warmup_batches):
         next(loader)
@@ -31,7 +31,7 @@ def loader_throughput(cfg: DataConfig, batch_size: int, num_batches: int = 50, w
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="bench_data", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tarflow-bench data", description=__doc__)
     parser.add_argument("--path", default="bundled", help="data.path (default: the bundled dataset)")
     parser.add_argument("--image-size", type=int, default=0, help="data.image_size (0: the shards' size)")
     parser.add_argument("--batch-size", type=int, default=64)

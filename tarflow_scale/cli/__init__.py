@@ -1,0 +1,1 @@
+"""Console scripts: each parses arguments, assembles a config and calls one library function."""

@@ -1,0 +1,124 @@
+"""The package layout: imports only go down the layers, recipes ship with the package, the wheel has one top level."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tarflow_scale.config import ConfigError, load_config, resolve_config_path, shipped_config_names
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = REPO_ROOT / "tarflow_scale"
+# For each layer: what it must never import (the package's upper layers, and for the maths, the cluster stack).
+FORBIDDEN = {
+    "models": {"tarflow_scale.training", "tarflow_scale.evaluation", "tarflow_scale.cli", "tarflow_scale.benchmarks",
+               "tarflow_scale.data", "tarflow_scale.checkpoint", "tarflow_scale.sampling", "ray", "deepspeed"},
+    "data": {"tarflow_scale.training", "tarflow_scale.evaluation", "tarflow_scale.cli", "tarflow_scale.benchmarks",
+             "tarflow_scale.checkpoint", "tarflow_scale.sampling", "ray", "deepspeed"},
+    "training": {"tarflow_scale.evaluation", "tarflow_scale.cli", "tarflow_scale.benchmarks"},
+    "evaluation": {"tarflow_scale.training", "tarflow_scale.cli", "tarflow_scale.benchmarks"},
+    "benchmarks": {"tarflow_scale.cli"},
+}  # fmt: skip
+# config, checkpoint, sampling and seeding serve every layer (checkpoint may use DeepSpeed's consolidation).
+ROOT_MODULES_FORBIDDEN = {"tarflow_scale.training", "tarflow_scale.evaluation", "tarflow_scale.cli",
+                          "tarflow_scale.benchmarks", "ray"}  # fmt: skip
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO_ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports (relative imports resolved), at any depth of the file, lazy imports included."""
+    name = module_name(path)
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            found.add(module)
+            if node.module is None:  # `from . import fid`: the names are modules
+                found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def violations(path: Path, forbidden: set[str]) -> list[str]:
+    return sorted(m for m in imported_modules(path) if any(m == f or m.startswith(f + ".") for f in forbidden))
+
+
+def test_the_import_reader_sees_relative_and_lazy_imports(tmp_path):
+    # Guard for the test itself: a violation hidden in a function body or a relative import is found.
+    probe = PACKAGE / "models" / "transforms" / "__init__.py"
+    assert "tarflow_scale.models.transforms.affine" in imported_modules(probe)
+    fake = PACKAGE / "models" / "_probe_for_layout_test.py"
+    fake.write_text("def f():\n    from ..training.trainer import x\n    import ray\n")
+    try:
+        assert violations(fake, FORBIDDEN["models"]) == ["ray", "tarflow_scale.training.trainer"]
+    finally:
+        fake.unlink()
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_imports_only_go_down(layer):
+    files = sorted((PACKAGE / layer).rglob("*.py"))
+    assert files, f"layer {layer} has no modules"
+    bad = {module_name(f): violations(f, FORBIDDEN[layer]) for f in files}
+    assert not {k: v for k, v in bad.items() if v}
+
+
+def test_root_modules_and_nothing_imports_cli():
+    for f in PACKAGE.glob("*.py"):
+        assert not violations(f, ROOT_MODULES_FORBIDDEN), f
+    for f in PACKAGE.rglob("*.py"):
+        if "cli" not in f.relative_to(PACKAGE).parts:
+            assert not violations(f, {"tarflow_scale.cli"}), f
+
+
+def test_public_names_stay_at_the_package_root():
+    import tarflow_scale
+
+    for name in tarflow_scale.__all__:
+        assert getattr(tarflow_scale, name) is not None
+    assert tarflow_scale.TarFlow.__module__ == "tarflow_scale.models.tarflow"
+
+
+def test_config_by_shipped_name_equals_config_by_path():
+    names = shipped_config_names()
+    assert {"tiny", "imagenet64_cond", "imagenet64_uncond", "imagenet64_density", "tabular/tnaf_digits"} <= set(names)
+    assert load_config("imagenet64_cond") == load_config(REPO_ROOT / "configs" / "imagenet64_cond.yaml")
+    # The README's spelling works from any folder: it falls back to the shipped file.
+    assert resolve_config_path("configs/imagenet64_uncond.yaml").samefile(
+        REPO_ROOT / "configs" / "imagenet64_uncond.yaml"
+    )
+    assert resolve_config_path("tabular/tnaf_digits").name == "tnaf_digits.yaml"
+
+
+def test_unknown_config_name_lists_the_shipped_names():
+    with pytest.raises(ConfigError, match=r"imagenet64_cond.*shipped names: .*imagenet64_density.*tiny") as e:
+        load_config("imagenet64_cond_typo")
+    assert "imagenet64_cond_typo" in str(e.value)
+
+
+def test_wheel_holds_one_package_and_every_recipe(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(REPO_ROOT), "--no-deps", "--no-build-isolation", "-q", "-w",
+         str(tmp_path)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        top_level = next(n for n in names if n.endswith("top_level.txt"))
+        assert z.read(top_level).decode().split() == ["tarflow_scale"]
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"tarflow_scale"}
+    recipes = {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "configs").rglob("*.yaml")}
+    assert {f"tarflow_scale/{r}" for r in recipes} <= set(names)
