@@ -2,7 +2,8 @@
 
 Two kinds of artifact (as in EDM2): the training checkpoint (a folder Ray Train stores: DeepSpeed engine state
 of every rank + `config.yaml`), for resuming; and the export (one `.safetensors` file whose metadata embeds the
-model config), for sampling and evaluation without DeepSpeed or Ray.
+model config and a checksum of the weights, tarflow_scale/weights.py), for sampling and evaluation without
+DeepSpeed or Ray, alone or inside a model directory (config.json + model.safetensors + README.md model card).
 """
 
 from __future__ import annotations
@@ -14,19 +15,17 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import RunConfig, TarFlowConfig, from_dict, model_config_from_dict, to_dict
+from .config import RunConfig, TarFlowConfig, from_dict, to_dict
 from .models.tarflow import TarFlow
+from .weights import EXPORT_FORMAT, CheckpointError, is_model_dir, write_weights
+
+__all__ = ["EXPORT_FORMAT", "CheckpointError"]  # re-exported: defined beside the weight files
 
 CONFIG_FILE = "config.yaml"  # the resolved run config, written into every checkpoint folder
 EXPORT_NAME = "model.safetensors"  # the slim export the trainer writes into run_dir at the end
 EMA_FILE = "ema.safetensors"  # EMA weights (when optim.ema_decay > 0), beside the engine state
-EXPORT_FORMAT = "tarflow_scale/1"
 # Wrappers that prefix parameter names: activation checkpointing and torch.compile.
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or export is missing, incomplete, or does not match the model config."""
 
 
 def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -100,9 +99,8 @@ def export_checkpoint(checkpoint_dir: str | Path, out_path: str | Path, use_ema:
 def save_export(
     state: dict[str, torch.Tensor], run_config: RunConfig, out_path: str | Path, source: str, tag: str, ema: bool
 ) -> Path:
-    """Write the export format: weights + model/run config in the safetensors metadata, and OUT.json beside."""
-    from safetensors.torch import save_file
-
+    """Write the export format: weights + model/run config + weights checksum in the safetensors metadata, and
+    OUT.json (the model config) beside."""
     metadata = {
         "format": EXPORT_FORMAT,
         "model_config": json.dumps(to_dict(run_config.model)),
@@ -111,36 +109,107 @@ def save_export(
         "tag": tag,
         "weights": "ema" if ema else "raw",
     }
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".partial")
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)
-    tmp.replace(out_path)  # never leave a half-written export under the final name
-    out_path.with_suffix(".json").write_text(json.dumps(to_dict(run_config.model), indent=2) + "\n")
+    out_path = write_weights(out_path, state, metadata)
+    _write_text_atomic(out_path.with_suffix(".json"), json.dumps(to_dict(run_config.model), indent=2) + "\n")
     return out_path
 
 
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.partial")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> TarFlow:
-    """A TarFlow from an exported `.safetensors` file, or from a training checkpoint / run directory."""
+    """A TarFlow from an export / imported `.safetensors` file (checksum verified), a model directory, or a
+    training checkpoint / run directory (consolidated)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if is_model_dir(path):
+        return TarFlow.from_model_dir(path, device)
     if path.is_dir():
         checkpoint_dir = latest_checkpoint(path)
-        model = build_model(read_run_config(checkpoint_dir).model, consolidate(checkpoint_dir), str(checkpoint_dir))
+        run_config = read_run_config(checkpoint_dir)
+        model = build_model(run_config.model, consolidate(checkpoint_dir), str(checkpoint_dir))
+        model.provenance = {"run_config": json.dumps(to_dict(run_config)), "source": str(checkpoint_dir.resolve())}
         return model.to(device).eval()
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    return TarFlow.from_weights_file(path, device)
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
-        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
-    if metadata.get("format") != EXPORT_FORMAT or "model_config" not in metadata:
-        raise CheckpointError(f"{path} is not a tarflow_scale export (no {EXPORT_FORMAT} model_config metadata)")
-    config = model_config_from_dict(json.loads(metadata["model_config"]))
-    return build_model(config, load_file(str(path)), str(path)).to(device).eval()
+
+def model_config_differences(given: TarFlowConfig, actual: TarFlowConfig) -> list[str]:
+    """`model.KEY: config A, checkpoint B` for every model setting that differs."""
+    a, b = to_dict(given), to_dict(actual)
+    return [
+        f"model.{k}: config {a.get(k)!r}, checkpoint {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
+
+
+def load_initial_weights(path: str | Path, config: TarFlowConfig) -> dict[str, torch.Tensor]:
+    """`train.init_from`: the weights of an export, model directory or checkpoint whose model equals `config`.
+
+    A differing model section is an error listing every differing key (copy them into the run config)."""
+    model = load_model(path)
+    diffs = model_config_differences(config, model.config)
+    if diffs:
+        raise CheckpointError(
+            f"train.init_from={path}: the run's model section does not match the checkpoint's model:\n  "
+            + "\n  ".join(diffs)
+        )
+    return model.state_dict()
+
+
+def export_model_dir(
+    checkpoint: str | Path, out_dir: str | Path, use_ema: bool = False, metrics_path: str | Path | None = None
+) -> Path:
+    """`tarflow-export --format dir`: a model directory (config.json, model.safetensors, README.md model card) from
+    a training checkpoint / run directory, an export file or another model directory; written under a temp name
+    and renamed. The card summarises `metrics_path`, else an evaluation's metrics.json found beside the source."""
+    import shutil
+    import tempfile
+
+    source = Path(checkpoint)
+    if source.is_dir() and not is_model_dir(source):
+        tmp_export = Path(tempfile.mkdtemp()) / "model.safetensors"
+        try:
+            model = load_model(export_checkpoint(source, tmp_export, use_ema=use_ema))
+        finally:
+            shutil.rmtree(tmp_export.parent, ignore_errors=True)
+    else:
+        if use_ema:
+            raise CheckpointError(f"--ema needs a training checkpoint; {source} holds one set of weights")
+        model = load_model(source)
+    metrics = None
+    found = Path(metrics_path) if metrics_path else find_metrics(source)
+    if found is not None:
+        try:
+            metrics = json.loads(found.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"evaluation results {found} are not readable JSON: {e}") from e
+    out_dir = Path(out_dir)
+    partial = out_dir.with_name(f"{out_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, metrics=metrics)
+    if out_dir.exists():
+        old = out_dir.with_name(f"{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+        partial.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        partial.rename(out_dir)
+    return out_dir
+
+
+def find_metrics(source: Path) -> Path | None:
+    """An evaluation's metrics.json beside the source: its `eval/` folder (tarflow-eval's default output)."""
+    base = source if source.is_dir() else source.parent
+    for candidate in (base / "eval" / "metrics.json", base / "metrics.json", base.parent / "eval" / "metrics.json"):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def file_sha256(path: str | Path) -> str:

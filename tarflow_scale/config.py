@@ -53,6 +53,9 @@ class TarFlowConfig:
     # applied by FFT, identity at init. The blocks' sequence flip is kept either way (autoregressive order).
     mixer: Literal["none", "permute", "cdflow"] = "none"
     mixer_factors: int = 2  # cdflow: m circulant factors (and m + 1 diagonals), (2m + 1) D parameters per mixer
+    # A LayerNorm on each block's Transformer output before the head. false: the head reads the residual stream
+    # directly and the block has no `norm_out` keys (the reference ml-tarflow structure; see docs/interop.md).
+    final_norm: bool = True
 
     @property
     def token_dim(self) -> int:
@@ -189,6 +192,9 @@ class TrainConfig:
     max_nonfinite_in_a_row: int = 5
     seed: int = 0
     resume_from: str = ""  # a checkpoint folder to start from when the run has none of its own yet
+    # Fine-tuning: initial weights from an export, a model directory or a training checkpoint (fresh optimizer and
+    # schedule). Its model config must equal this run's model section. A resumed run ignores it.
+    init_from: str = ""
     fault_at_step: int = 0  # chaos testing: the last rank kills its own process once at this step (0: never)
 
     def validate(self) -> None:

@@ -490,6 +490,11 @@ def evaluate(
         )
     fid_denoise_std = denoise_std if (e.fid_denoise and denoise_std > 0) else None
     needs_data = bool({"bpd", "fid_stats", "fid"} & set(jobs))
+    if needs_data and not config.data.path:
+        raise ConfigError(
+            f"eval.jobs {sorted(set(jobs) & {'bpd', 'fid_stats', 'fid'})} need data but data.path is empty: "
+            f"{checkpoint.path} records no dataset (an imported checkpoint?); pass data.path=DATA"
+        )
     if needs_data:
         config.data.path = resolve_data_path(config.data)  # builds the bundled set once, here, not per worker
     if "bpd" in jobs:

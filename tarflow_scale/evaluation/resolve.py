@@ -7,25 +7,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import EXPORT_FORMAT, CheckpointError, latest_checkpoint, read_run_config
+from ..checkpoint import CheckpointError, latest_checkpoint, read_run_config
 from ..config import (
     ConfigError,
     RunConfig,
     TarFlowConfig,
     from_dict,
-    model_config_from_dict,
     parse_overrides,
     read_yaml_mapping,
     to_dict,
 )
+from ..weights import WEIGHTS_FILE, export_model_config, is_model_dir, read_metadata
 
 
 @dataclass
 class CheckpointInfo:
     """An export or training checkpoint, read without loading its weights."""
 
-    path: Path  # as given: a .safetensors export, a checkpoint folder or a run directory
-    kind: str  # "export" | "training_checkpoint"
+    path: Path  # as given: a .safetensors export, a model directory, a checkpoint folder or a run directory
+    kind: str  # "export" | "model_dir" | "training_checkpoint"
     resolved: Path  # the file or the checkpoint folder actually read
     model_config: TarFlowConfig
     run_config: RunConfig | None  # the training run's resolved config, when the artifact embeds it
@@ -37,22 +37,17 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist (pass an exported .safetensors or a run directory)")
-    if path.is_dir():
+    kind, weights_file = "export", path
+    if is_model_dir(path):
+        kind, weights_file = "model_dir", path / WEIGHTS_FILE
+    elif path.is_dir():
         folder = latest_checkpoint(path)
         run_config = read_run_config(folder)
         tag_file = folder / "latest"
         meta = {"tag": tag_file.read_text().strip() if tag_file.is_file() else ""}
         return CheckpointInfo(path, "training_checkpoint", folder, run_config.model, run_config, meta)
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-    except Exception as e:  # safetensors raises its own types for damaged headers
-        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
-    if metadata.get("format") != EXPORT_FORMAT or "model_config" not in metadata:
-        raise CheckpointError(f"{path} is not a tarflow_scale export (no {EXPORT_FORMAT} model_config metadata)")
-    model_config = model_config_from_dict(json.loads(metadata["model_config"]))
+    metadata = read_metadata(weights_file)
+    model_config = export_model_config(weights_file, metadata)
     run_config = None
     if "run_config" in metadata:
         try:
@@ -60,7 +55,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         except (ConfigError, json.JSONDecodeError):
             run_config = None  # an export from an older config schema: its model config still loads
     extra = {k: v for k, v in metadata.items() if k not in ("model_config", "run_config")}
-    return CheckpointInfo(path, "export", path, model_config, run_config, extra)
+    return CheckpointInfo(path, kind, weights_file, model_config, run_config, extra)
 
 
 def _merge(base: dict, update: dict) -> dict:

@@ -1,0 +1,115 @@
+"""Weight files: safetensors with the model config and a checksum of the weights in the metadata, read back verified.
+
+One format serves the export (`tarflow-export`, `tarflow-import`), the `model.safetensors` of a model directory and
+the trainer's final export. The checksum (`weights_sha256`) is a SHA-256 over every tensor's name, dtype, shape and
+bytes in name order, so it identifies the weights whatever the file's byte layout; flipped bytes in the data region
+(which safetensors itself never notices) make `read_weights` raise an error naming the file. Files written before
+the checksum existed still load: the check is skipped and `metadata["integrity"]` says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import TarFlowConfig, model_config_from_dict
+
+EXPORT_FORMAT = "tarflow_scale/1"
+CHECKSUM_KEY = "weights_sha256"
+# A model directory (save_pretrained, `tarflow-export --format dir`): the Hugging Face Hub layout.
+CONFIG_JSON = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+MODEL_CARD = "README.md"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or export is missing, incomplete, corrupt, or does not match the model config."""
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over (name, dtype, shape, bytes) of every tensor, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def write_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write fp32 weights + metadata (with their checksum) atomically: a temp file renamed over `path`."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
+    metadata = {**metadata, CHECKSUM_KEY: weights_sha256(tensors)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)  # never a half-written file under the final name
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors header metadata, without reading the weights."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Weights and metadata of a safetensors file; the checksum is verified when the file records one."""
+    from safetensors.torch import load_file
+
+    metadata = read_metadata(path)
+    try:
+        state = load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    expected = metadata.get(CHECKSUM_KEY)
+    if expected is None:
+        metadata["integrity"] = "not verified: the file records no weights checksum (written before checksums)"
+    elif weights_sha256(state) != expected:
+        raise CheckpointError(
+            f"{path} is corrupt: its weights do not match the checksum recorded when it was written "
+            f"({CHECKSUM_KEY}={expected[:16]}...); copy it again from the source"
+        )
+    else:
+        metadata["integrity"] = "verified"
+    return state, metadata
+
+
+def export_model_config(path: str | Path, metadata: dict[str, str]) -> TarFlowConfig:
+    """The model config embedded in an export's metadata (CheckpointError when it is not an export)."""
+    if metadata.get("format") != EXPORT_FORMAT or "model_config" not in metadata:
+        raise CheckpointError(f"{path} is not a tarflow_scale export (no {EXPORT_FORMAT} model_config metadata)")
+    return model_config_from_dict(json.loads(metadata["model_config"]))
+
+
+def is_model_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG_JSON).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+def read_model_dir(path: str | Path) -> tuple[TarFlowConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """A model directory's config, verified weights and weight-file metadata; config.json and the weights' own
+    embedded config must agree (a directory assembled from two models is an error naming both files)."""
+    path = Path(path)
+    config_path, weights_path = path / CONFIG_JSON, path / WEIGHTS_FILE
+    try:
+        described = json.loads(config_path.read_text())
+        config = model_config_from_dict(described["model"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_path} is not a tarflow_scale model config ({type(e).__name__}: {e})") from e
+    state, metadata = read_weights(weights_path)
+    if "model_config" in metadata and export_model_config(weights_path, metadata) != config:
+        raise CheckpointError(f"{config_path} and {weights_path} describe different models")
+    return config, state, metadata
