@@ -97,7 +97,13 @@ def export_checkpoint(checkpoint_dir: str | Path, out_path: str | Path, use_ema:
 
 
 def save_export(
-    state: dict[str, torch.Tensor], run_config: RunConfig, out_path: str | Path, source: str, tag: str, ema: bool
+    state: dict[str, torch.Tensor],
+    run_config: RunConfig,
+    out_path: str | Path,
+    source: str,
+    tag: str,
+    ema: bool,
+    extra: dict[str, str] | None = None,
 ) -> Path:
     """Write the export format: weights + model/run config + weights checksum in the safetensors metadata, and
     OUT.json (the model config) beside."""
@@ -108,6 +114,7 @@ def save_export(
         "source": source,
         "tag": tag,
         "weights": "ema" if ema else "raw",
+        **(extra or {}),
     }
     out_path = write_weights(out_path, state, metadata)
     _write_text_atomic(out_path.with_suffix(".json"), json.dumps(to_dict(run_config.model), indent=2) + "\n")

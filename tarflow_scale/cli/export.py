@@ -1,11 +1,12 @@
-"""`tarflow-export`: consolidate a training checkpoint (any ZeRO stage) into one self-contained safetensors file."""
+"""`tarflow-export`: consolidate a training checkpoint (any ZeRO stage) into one self-contained safetensors file,
+or (--format dir) into a model directory with a model card."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from tarflow_scale.checkpoint import CheckpointError, export_checkpoint
+from tarflow_scale.checkpoint import CheckpointError, export_checkpoint, export_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,15 +17,32 @@ def main(argv: list[str] | None = None) -> int:
         "The result loads with tarflow_scale.checkpoint.load_model, without DeepSpeed or Ray.",
     )
     parser.add_argument("checkpoint", help="checkpoint_* folder written by tarflow-train, or its run directory")
-    parser.add_argument("out", help="output .safetensors path")
+    parser.add_argument("out", help="output .safetensors path (--format file) or folder (--format dir)")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
+    parser.add_argument(
+        "--format",
+        choices=("file", "dir"),
+        default="file",
+        help="file: one .safetensors; dir: a model directory (config.json, model.safetensors, README.md model card) "
+        "that TarFlow.from_pretrained loads and push_to_hub uploads",
+    )
+    parser.add_argument(
+        "--metrics",
+        help="an evaluation's metrics.json for the model card (default: eval/metrics.json beside the input)",
+    )
     args = parser.parse_args(argv)
     try:
-        path = export_checkpoint(args.checkpoint, args.out, use_ema=args.ema)
+        if args.format == "dir":
+            path = export_model_dir(args.checkpoint, args.out, use_ema=args.ema, metrics_path=args.metrics)
+        else:
+            path = export_checkpoint(args.checkpoint, args.out, use_ema=args.ema)
     except CheckpointError as e:
         print(f"tarflow-export: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {path} (config: {path.with_suffix('.json')})")
+    if args.format == "dir":
+        print(f"wrote {path}/ (config.json, model.safetensors, README.md)")
+    else:
+        print(f"wrote {path} (config: {path.with_suffix('.json')})")
     return 0
 
 
