@@ -17,7 +17,15 @@ import yaml
 
 from .config import RunConfig, TarFlowConfig, from_dict, to_dict
 from .models.tarflow import TarFlow
-from .weights import EXPORT_FORMAT, CheckpointError, is_model_dir, write_weights
+from .weights import (
+    EXPORT_FORMAT,
+    WEIGHTS_FILE,
+    CheckpointError,
+    export_model_config,
+    is_model_dir,
+    read_metadata,
+    write_weights,
+)
 
 __all__ = ["EXPORT_FORMAT", "CheckpointError"]  # re-exported: defined beside the weight files
 
@@ -154,18 +162,32 @@ def model_config_differences(given: TarFlowConfig, actual: TarFlowConfig) -> lis
     ]
 
 
-def load_initial_weights(path: str | Path, config: TarFlowConfig) -> dict[str, torch.Tensor]:
-    """`train.init_from`: the weights of an export, model directory or checkpoint whose model equals `config`.
+def stored_model_config(path: str | Path) -> TarFlowConfig:
+    """The model config an export, model directory or training checkpoint / run directory holds (no weights read)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if is_model_dir(path):
+        path = path / WEIGHTS_FILE
+    elif path.is_dir():
+        return read_run_config(latest_checkpoint(path)).model
+    return export_model_config(path, read_metadata(path))
 
-    A differing model section is an error listing every differing key (copy them into the run config)."""
-    model = load_model(path)
-    diffs = model_config_differences(config, model.config)
+
+def check_initial_weights(path: str | Path, config: TarFlowConfig) -> None:
+    """`train.init_from`: the file's model must equal the run's model section; the error lists every difference."""
+    diffs = model_config_differences(config, stored_model_config(path))
     if diffs:
         raise CheckpointError(
-            f"train.init_from={path}: the run's model section does not match the checkpoint's model:\n  "
-            + "\n  ".join(diffs)
+            f"train.init_from={path}: the run's model section does not match the checkpoint's model (set these in "
+            "the run config):\n  " + "\n  ".join(diffs)
         )
-    return model.state_dict()
+
+
+def load_initial_weights(path: str | Path, config: TarFlowConfig) -> dict[str, torch.Tensor]:
+    """`train.init_from`: the (checked) weights to start fine-tuning from."""
+    check_initial_weights(path, config)
+    return load_model(path).state_dict()
 
 
 def export_model_dir(

@@ -36,6 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         return 0
+    if config.train.init_from:  # before any worker starts: the file exists and holds this run's model
+        from tarflow_scale.checkpoint import CheckpointError, check_initial_weights
+
+        try:
+            check_initial_weights(config.train.init_from, config.model)
+        except CheckpointError as e:
+            print(f"tarflow-train: {e}", file=sys.stderr)
+            return 2
     from tarflow_scale.training.cluster import launch
 
     try:

@@ -21,7 +21,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import CONFIG_FILE, EMA_FILE, EXPORT_NAME, read_run_config, save_export, strip_wrapper_prefixes
+from ..checkpoint import (
+    CONFIG_FILE,
+    EMA_FILE,
+    EXPORT_NAME,
+    load_initial_weights,
+    read_run_config,
+    save_export,
+    strip_wrapper_prefixes,
+)
 from ..config import RunConfig, dump_config, from_dict
 from ..data import DataStats, augment, make_train_loader
 from ..models.likelihood import LOG_2, LOG_BIN_WIDTH_8BIT
@@ -235,6 +243,8 @@ def train_worker(config_dict: dict) -> None:
 
     torch.manual_seed(derive_seed(train.seed, "init"))  # identical initial weights on every rank
     model = TarFlow(config.model)
+    if train.init_from:  # fine-tuning: these weights, fresh optimizer and schedule; a resume below overrides them
+        model.load_state_dict(load_initial_weights(train.init_from, config.model))
     if config.deepspeed.activation_checkpointing:
         apply_activation_checkpointing(model)
     engine, _, _, scheduler = deepspeed.initialize(
