@@ -17,16 +17,20 @@ PACKAGE = REPO_ROOT / "tarflow_scale"
 # For each layer: what it must never import (the package's upper layers, and for the maths, the cluster stack).
 FORBIDDEN = {
     "models": {"tarflow_scale.training", "tarflow_scale.evaluation", "tarflow_scale.cli", "tarflow_scale.benchmarks",
-               "tarflow_scale.data", "tarflow_scale.checkpoint", "tarflow_scale.sampling", "ray", "deepspeed"},
+               "tarflow_scale.data", "tarflow_scale.checkpoint", "tarflow_scale.sampling", "tarflow_scale.interop",
+               "ray", "deepspeed"},
     "data": {"tarflow_scale.training", "tarflow_scale.evaluation", "tarflow_scale.cli", "tarflow_scale.benchmarks",
-             "tarflow_scale.checkpoint", "tarflow_scale.sampling", "ray", "deepspeed"},
+             "tarflow_scale.checkpoint", "tarflow_scale.sampling", "tarflow_scale.interop", "ray", "deepspeed"},
+    # Beside checkpoint.py: converters of other implementations' checkpoints use models, config and checkpoint.
+    "interop": {"tarflow_scale.training", "tarflow_scale.evaluation", "tarflow_scale.cli", "tarflow_scale.benchmarks",
+                "tarflow_scale.data", "ray", "deepspeed"},
     "training": {"tarflow_scale.evaluation", "tarflow_scale.cli", "tarflow_scale.benchmarks"},
     "evaluation": {"tarflow_scale.training", "tarflow_scale.cli", "tarflow_scale.benchmarks"},
     "benchmarks": {"tarflow_scale.cli"},
 }  # fmt: skip
 # config, checkpoint, sampling and seeding serve every layer (checkpoint may use DeepSpeed's consolidation).
 ROOT_MODULES_FORBIDDEN = {"tarflow_scale.training", "tarflow_scale.evaluation", "tarflow_scale.cli",
-                          "tarflow_scale.benchmarks", "ray"}  # fmt: skip
+                          "tarflow_scale.benchmarks", "tarflow_scale.interop", "ray"}  # fmt: skip
 
 
 def module_name(path: Path) -> str:
