@@ -232,3 +232,24 @@ def test_activation_checkpointing_and_ema(ray_cluster, dataset, tmp_path):
     assert raw.keys() == averaged.keys(), "checkpoint-wrapper prefixes must not leak into exports"
     assert any(not torch.equal(raw[k], averaged[k]) for k in raw), "EMA weights should lag the raw weights"
     assert load_model(ema).config.num_classes == 2
+
+
+def test_init_from_starts_from_those_weights_with_a_fresh_schedule(ray_cluster, dataset, tmp_path):
+    """train.init_from: the run's first weights are the file's (non-zero heads, unlike a fresh init); step 1 on."""
+    from tarflow_scale.checkpoint import save_export
+    from tarflow_scale.models.tarflow import TarFlow
+    from tarflow_scale.training.cluster import launch
+
+    steps = ["train.num_steps=2", "train.checkpoint_every=2", "optim.lr=1e-9", "optim.min_lr=1e-10"]
+    config = run_config(dataset, tmp_path / "ft", *steps)
+    torch.manual_seed(11)
+    init = TarFlow(config.model)
+    with torch.no_grad():
+        for block in init.blocks:
+            block.proj_out.weight.normal_(0, 0.05)
+    path = save_export(init.state_dict(), config, tmp_path / "init.safetensors", source="t", tag="t", ema=False)
+    launch(run_config(dataset, tmp_path / "ft", *steps, f"train.init_from={path}"))
+    assert sorted(step_losses(tmp_path / "ft")) == [1, 2]  # a fresh schedule: steps count from 1
+    final, start = load_model(tmp_path / "ft" / "model.safetensors").state_dict(), init.state_dict()
+    for key in start:  # lr 1e-9: two steps leave the initial weights in place
+        torch.testing.assert_close(final[key], start[key], atol=1e-6, rtol=0)
