@@ -203,3 +203,28 @@ def test_train_cli_refuses_a_mismatching_init_from_before_any_worker_starts(tmp_
             "model.head_dim=16", "model.num_blocks=2", "model.layers_per_block=1"]  # fmt: skip
     assert train_cli.main(argv) == 2
     assert "model.channels: config 48, checkpoint 32" in capsys.readouterr().err
+
+
+def test_hub_ids_go_through_the_mixin_to_the_same_verified_loader(tmp_path, monkeypatch):
+    """`from_pretrained("org/name")`: the mixin fetches config.json, our hook fetches the files (both stubbed
+    here with a local folder: no network in tests) and loads them like a local directory, checksum included."""
+    import huggingface_hub
+    import huggingface_hub.hub_mixin
+
+    model = random_model(seed=9)
+    model.save_pretrained(tmp_path / "snapshot")
+    fetched = []
+
+    def fake_file(repo_id, filename, **kwargs):
+        fetched.append((repo_id, filename))
+        return str(tmp_path / "snapshot" / filename)
+
+    def fake_snapshot(repo_id, allow_patterns=None, **kwargs):
+        fetched.append((repo_id, tuple(allow_patterns)))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub.hub_mixin, "hf_hub_download", fake_file)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    assert same_weights(TarFlow.from_pretrained("org/tiny-tarflow"), model)
+    assert fetched == [("org/tiny-tarflow", "config.json"),
+                       ("org/tiny-tarflow", ("config.json", "model.safetensors", "README.md"))]  # fmt: skip
