@@ -253,3 +253,11 @@ def test_init_from_starts_from_those_weights_with_a_fresh_schedule(ray_cluster, 
     final, start = load_model(tmp_path / "ft" / "model.safetensors").state_dict(), init.state_dict()
     for key in start:  # lr 1e-9: two steps leave the initial weights in place
         torch.testing.assert_close(final[key], start[key], atol=1e-6, rtol=0)
+    # The run directory publishes as a model directory whose card names the data and the steps.
+    import tarflow_scale.cli.export as export_cli
+
+    assert export_cli.main([str(tmp_path / "ft"), str(tmp_path / "published"), "--format", "dir"]) == 0
+    card = (tmp_path / "published" / "README.md").read_text()
+    assert str(dataset) in card and "| steps | 2 " in card
+    published = TarFlow.from_pretrained(tmp_path / "published").state_dict()
+    assert all(torch.equal(published[k], final[k]) for k in final)

@@ -197,9 +197,9 @@ def infer_run_config(state: dict[str, Tensor], path: str | Path, overrides: list
             "<dataset>_model_<patch>_<channels>_<blocks>_<layers>_<noise std|uniform>.pth); pass data.noise_std=SIGMA "
             "(Gaussian noise augmentation) or data.noise=uniform"
         )
+    tree = _merge({"model": model, "data": data}, user)
     if "noise_std" in user_data and "noise" not in user_data:
-        user_data = {**user_data, "noise": "gaussian"}
-    tree = _merge({"model": model, "data": data}, {**user, "data": {**user.get("data", {}), **user_data}})
+        tree["data"]["noise"] = "gaussian"  # a sigma given for a renamed file means Gaussian augmentation
     # Evaluate what needs no data by default; bits/dim and FID once data.path says where the data is.
     tree.setdefault("eval", {}).setdefault("jobs", ["bpd", "sample"] if tree["data"]["path"] else ["sample"])
     tree.setdefault("train", {}).setdefault("label_dropout", 0.1 if num_classes else 0.0)
