@@ -41,8 +41,9 @@ class TarFlowConfig:
     num_classes: int = 0  # 0: unconditional
     # How an unconditional (or dropped) label is embedded: its own learned vector, or the classes' mean.
     null_label: Literal["learned", "mean"] = "learned"
-    # Per-token transform: affine NVP, its volume-preserving variant, rational-quadratic spline, mixture CDF.
-    transform: Literal["affine", "affine_vp", "spline", "mixture"] = "affine"
+    # Per-token transform: affine NVP, its volume-preserving variant, shift-only (the reference's nvp=False),
+    # rational-quadratic spline, mixture CDF.
+    transform: Literal["affine", "affine_vp", "shift", "spline", "mixture"] = "affine"
     num_bins: int = 8  # spline: K bins
     spline_bound: float = 4.0  # spline: bins cover [-B, B]; identity tails outside
     num_components: int = 4  # mixture: K logistics

@@ -14,6 +14,7 @@ from tarflow_scale.models.transforms import AffineTransform
 TRANSFORMS = {
     "affine": ({}, 1e-10),
     "affine_vp": ({"prior": "learned"}, 1e-10),
+    "shift": ({"prior": "learned"}, 1e-10),
     "spline": ({"num_bins": 4, "spline_bound": 3.0}, 1e-9),
     "mixture": ({"num_components": 3}, 1e-7),
 }

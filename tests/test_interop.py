@@ -246,7 +246,7 @@ def test_samples_from_the_same_noise_match_the_reference(imported, guidance, att
 def test_import_records_what_evaluation_needs(imported):
     from tarflow_scale.evaluation.resolve import inspect_checkpoint, resolve_config, training_noise
 
-    _, model, out, classes = imported
+    ref, model, out, classes = imported
     info = inspect_checkpoint(out)
     noise = training_noise(info)
     name = Path(info.metadata["source"]).name
@@ -255,6 +255,7 @@ def test_import_records_what_evaluation_needs(imported):
     c = info.model_config
     assert (c.image_size, c.patch_size, c.channels, c.num_blocks, c.layers_per_block) == (IMAGE, PATCH, 128, 3, 2)
     assert (c.num_classes, c.final_norm, c.null_label, c.head_dim) == (classes, False, "mean", HEAD)
+    assert c.transform == ("affine" if ref.blocks[0].nvp else "shift")
     assert info.metadata["integrity"] if "integrity" in info.metadata else info.metadata["weights_sha256"]
     config = resolve_config(info)  # no flags: the embedded run config decides
     assert config.eval.jobs == ["sample"] and config.data.path == ""  # no dataset known: only what needs none

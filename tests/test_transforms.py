@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tarflow_scale.models.transforms import AffineTransform, TokenTransform, VolumePreservingAffineTransform
+from tarflow_scale.models.transforms import (
+    AffineTransform,
+    ShiftTransform,
+    TokenTransform,
+    VolumePreservingAffineTransform,
+)
 from tarflow_scale.models.transforms.mixture import MixtureCDFTransform
 from tarflow_scale.models.transforms.spline import RationalQuadraticSplineTransform
 
@@ -17,6 +22,7 @@ F64 = torch.float64
 TRANSFORMS: dict[str, TokenTransform] = {
     "affine": AffineTransform(),
     "affine_vp": VolumePreservingAffineTransform(),
+    "shift": ShiftTransform(),
     "spline_k4": RationalQuadraticSplineTransform(num_bins=4, bound=3.0),
     "spline_k8": RationalQuadraticSplineTransform(num_bins=8, bound=4.0),
     "mixture_k4": MixtureCDFTransform(num_components=4),

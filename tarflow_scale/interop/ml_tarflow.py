@@ -9,8 +9,9 @@ The reference format, and how each piece maps (docs/interop.md has the full tabl
   row T-1-t at block position t; ours adds row t at block position t: odd blocks are flipped on import.
 * `blocks.K.class_embed` (N, 1, C) -> (N, C) with model.null_label=mean (the reference's null vector is the mean).
 * `blocks.K.proj_out` (C -> 2D, rows [all log-scales | all shifts]) -> ours (rows interleaved per dimension:
-  2d = log-scale, 2d + 1 = shift). Same affine step z = (x - b) exp(-a). A shift-only head (nvp=False, C -> D) gets
-  zero log-scale rows: exp(0) = 1 exactly. The reference has no LayerNorm before the head: model.final_norm=false.
+  2d = log-scale, 2d + 1 = shift). Same affine step z = (x - b) exp(-a). A shift-only head (nvp=False, C -> D)
+  maps as is onto model.transform=shift (z = x - b). The reference has no LayerNorm before the head:
+  model.final_norm=false.
 * `var` (T, D): the prior variance the reference scales its sampling noise with -> model.prior=learned with
   log_std = log(var)/2 (model.prior=standard when var is all ones, as for every nvp=True model).
 * `blocks.K.attn_mask`: the causal mask, implied by our attention; checked, not stored.
@@ -184,7 +185,7 @@ def infer_run_config(state: dict[str, Tensor], path: str | Path, overrides: list
     model = {
         "image_size": side * patch, "in_channels": in_channels, "patch_size": patch, "channels": C,
         "num_blocks": num_blocks, "layers_per_block": num_layers, "head_dim": REFERENCE_HEAD_DIM, "mlp_ratio": 4.0,
-        "num_classes": num_classes, "null_label": "mean", "transform": "affine",
+        "num_classes": num_classes, "null_label": "mean", "transform": "affine" if head_rows == 2 * D else "shift",
         "prior": "standard" if bool((var == 1).all()) else "learned", "final_norm": False,
     }  # fmt: skip
     data: dict[str, Any] = {"path": ""}  # unknown dataset: evaluation asks for data.path before reading data
@@ -230,14 +231,11 @@ def convert_state(state: dict[str, Tensor], model: TarFlow) -> dict[str, Tensor]
             for ref_key, our_key in _LAYER_KEYS.items():
                 out[f"{dst}layers.{j}.{our_key}"] = state[f"{src}attn_blocks.{j}.{ref_key}"]
         weight, bias = state[src + "proj_out.weight"], state[src + "proj_out.bias"]
-        if weight.shape[0] == 2 * D:  # [log-scales | shifts] -> interleaved (a_d, b_d)
-            log_scale_w, shift_w = weight[:D], weight[D:]
-            log_scale_b, shift_b = bias[:D], bias[D:]
-        else:  # shift-only (nvp=False): zero log-scales
-            log_scale_w, shift_w = torch.zeros_like(weight), weight
-            log_scale_b, shift_b = torch.zeros_like(bias), bias
-        out[dst + "proj_out.weight"] = torch.stack([log_scale_w, shift_w], dim=1).reshape(2 * D, c.channels)
-        out[dst + "proj_out.bias"] = torch.stack([log_scale_b, shift_b], dim=1).reshape(2 * D)
+        if c.transform == "affine":  # rows [log-scales | shifts] -> interleaved (a_0, b_0, a_1, b_1, ...)
+            out[dst + "proj_out.weight"] = torch.stack([weight[:D], weight[D:]], dim=1).reshape(2 * D, c.channels)
+            out[dst + "proj_out.bias"] = torch.stack([bias[:D], bias[D:]], dim=1).reshape(2 * D)
+        else:  # shift-only (nvp=False): one parameter per dimension, the same row order
+            out[dst + "proj_out.weight"], out[dst + "proj_out.bias"] = weight, bias
     if c.prior == "learned":
         var = state["var"].double()
         if not bool((var > 0).all()):
@@ -258,7 +256,7 @@ def import_checkpoint(src: str | Path, out: str | Path, overrides: list[str] | N
     extra = {
         "imported_from": FORMAT_NAME,
         "source_sha256": hashlib.sha256(src.read_bytes()).hexdigest(),
-        "reference_nvp": str(state["blocks.0.proj_out.weight"].shape[0] == 2 * run_config.model.token_dim).lower(),
+        "reference_nvp": str(run_config.model.transform == "affine").lower(),
     }
     source = f"{FORMAT_NAME}:{src.resolve()}"
     return save_export(converted, run_config, out, source=source, tag="imported", ema=False, extra=extra)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from .affine import AffineTransform, VolumePreservingAffineTransform
+from .affine import AffineTransform, ShiftTransform, VolumePreservingAffineTransform
 from .base import TokenTransform, at_least_fp32
 
 __all__ = [
     "AffineTransform",
+    "ShiftTransform",
     "TokenTransform",
     "VolumePreservingAffineTransform",
     "at_least_fp32",
@@ -20,6 +21,8 @@ def build_transform(config) -> TokenTransform:
         return AffineTransform()
     if config.transform == "affine_vp":
         return VolumePreservingAffineTransform()
+    if config.transform == "shift":
+        return ShiftTransform()
     if config.transform == "spline":
         from .spline import RationalQuadraticSplineTransform
 
@@ -32,4 +35,4 @@ def build_transform(config) -> TokenTransform:
         from .sigmoidal import DeepSigmoidalTransform
 
         return DeepSigmoidalTransform(config.dsf_hidden, config.dsf_stages, inverse_tol=config.dsf_inverse_tol)
-    raise ValueError(f"transform={config.transform!r} is not one of affine, affine_vp, spline, mixture, dsf")
+    raise ValueError(f"transform={config.transform!r} is not one of affine, affine_vp, shift, spline, mixture, dsf")
