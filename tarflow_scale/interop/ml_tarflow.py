@@ -24,7 +24,6 @@ config, so `tarflow-eval` denoises with the right sigma.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -34,9 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..checkpoint import CheckpointError, build_model, save_export
-from ..config import RunConfig, _merge, from_dict, parse_overrides
-from ..models.tarflow import TarFlow, unpatchify
+from ..checkpoint import CheckpointError, build_model, file_sha256, save_export
+from ..config import RunConfig, TarFlowConfig, _merge, from_dict, parse_overrides
+from ..models.tarflow import unpatchify
 
 FORMAT_NAME = "ml-tarflow"
 REFERENCE_HEAD_DIM = 64  # the reference MetaBlock's fixed attention head size
@@ -210,9 +209,9 @@ def infer_run_config(state: dict[str, Tensor], path: str | Path, overrides: list
     return config
 
 
-def convert_state(state: dict[str, Tensor], model: TarFlow) -> dict[str, Tensor]:
-    """Reference tensors -> our state_dict for `model` (whose config `infer_run_config` built)."""
-    c = model.config
+def convert_state(state: dict[str, Tensor], config: TarFlowConfig) -> dict[str, Tensor]:
+    """Reference tensors -> our state_dict for a TarFlow with `config` (the model section `infer_run_config` built)."""
+    c = config
     D, T = c.token_dim, c.num_tokens
     out: dict[str, Tensor] = {}
     for k in range(c.num_blocks):
@@ -250,12 +249,12 @@ def import_checkpoint(src: str | Path, out: str | Path, overrides: list[str] | N
     src = Path(src)
     state = read_state_dict(src)
     run_config = infer_run_config(state, src, overrides)
-    model = TarFlow(run_config.model)
-    converted = convert_state(state, model)
+    converted = convert_state(state, run_config.model)
+    del state  # peak memory: the reference tensors, their converted copy, one model (a 450M-parameter model: ~5.4 GB)
     build_model(run_config.model, converted, str(src))  # strict: every key and shape
     extra = {
         "imported_from": FORMAT_NAME,
-        "source_sha256": hashlib.sha256(src.read_bytes()).hexdigest(),
+        "source_sha256": file_sha256(src),
         "reference_nvp": str(run_config.model.transform == "affine").lower(),
     }
     source = f"{FORMAT_NAME}:{src.resolve()}"
