@@ -497,3 +497,19 @@ def test_full_evaluation_is_exact_once_and_independent_of_the_worker_count(ray_s
     np.testing.assert_allclose(a["images"], local.numpy(), rtol=0, atol=1e-5)
     expected_denoised = tweedie_denoise(model, local, TRAIN_NOISE, torch.arange(10) % CLASSES)
     np.testing.assert_allclose(a["denoised"], expected_denoised.numpy(), rtol=0, atol=1e-5)
+
+
+def test_an_imported_reference_checkpoint_evaluates_without_further_flags(ray_session, tmp_path, dataset):
+    """tarflow-import records what tarflow-eval needs (model, training noise, data path): no flags at eval time."""
+    from test_interop import reference_model  # the test's independent implementation of ml-tarflow's Model
+
+    from tarflow_scale.interop.ml_tarflow import import_checkpoint
+
+    src = tmp_path / "gauss_model_2_128_3_2_0.07.pth"  # a reference-style name: patch 2, width 128, sigma 0.07
+    torch.save(reference_model(True, CLASSES, seed=2).state_dict(), src)
+    path = import_checkpoint(src, tmp_path / "imported.safetensors", [f"data.path={dataset}", "data.num_workers=0"])
+    report = _run(path, tmp_path / "eval")
+    assert report["training_noise"]["noise"] == "gaussian" and report["training_noise"]["noise_std"] == 0.07
+    bpd = report["results"]["bpd"]
+    assert bpd["dequantized"]["num_images"] == NUM_VAL and bpd["noisy_data_nll"]["noise_std"] == 0.07
+    assert report["results"]["sample"]["num_samples"] == 64 and (tmp_path / "eval" / "samples.png").is_file()
