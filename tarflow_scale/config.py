@@ -300,6 +300,7 @@ class RunConfig:
     def validate(self) -> RunConfig:
         for part in (self.model, self.data, self.optim, self.deepspeed, self.cluster, self.train):
             part.validate()
+        local_run_dir(self.run_dir)
         if self.data.image_size not in (0, self.model.image_size):
             raise ConfigError(
                 f"data.image_size={self.data.image_size} must be 0 (the shards' size) or model.image_size="
@@ -319,6 +320,26 @@ class RunConfig:
     def grad_accum_steps(self) -> int:
         """Micro-batches per optimizer step on each rank (train.grad_accum_steps, or derived when 0)."""
         return resolve_batching(self.train, self.cluster.num_workers)[1]
+
+
+def local_run_dir(run_dir: str) -> Path:
+    """The run directory as a local (or mounted shared) path; `file://` URIs are accepted.
+
+    Object-store URIs (s3://, gs://, ...) are refused: besides Ray's checkpoints, rank 0 writes metrics, sample
+    grids and the export into run_dir with ordinary file I/O, and evaluation reads it the same way. Mount the
+    bucket (or use NFS/FSx/Filestore) on every node and pass the mount point.
+    """
+    if "://" not in run_dir:
+        return Path(run_dir)
+    scheme, rest = run_dir.split("://", 1)
+    if scheme == "file":
+        if not rest.startswith("/"):
+            raise ConfigError(f"run_dir={run_dir}: a file:// URI needs an absolute path (file:///shared/runs/x)")
+        return Path(rest)
+    raise ConfigError(
+        f"run_dir={run_dir}: {scheme}:// storage is not supported (metrics, samples and the export are written with "
+        "file I/O); mount shared storage on every node and give its path, or a file:// URI"
+    )
 
 
 def resolve_batching(train: TrainConfig, num_workers: int) -> tuple[int, int]:

@@ -483,7 +483,7 @@ def test_full_evaluation_is_exact_once_and_independent_of_the_worker_count(ray_s
     assert fid["denoised"] and "not FID" in fid["warning"]
 
     # One worker: the same samples, the same denoised samples, the same FID; the cached reference is reused.
-    one = _run(path, tmp_path / "one", *common, "eval.jobs=[sample,denoise,fid]", "eval.num_workers=1")
+    one = _run(path, tmp_path / "one", *common, "eval.jobs=[sample,denoise,fid]", "cluster.num_workers=1")
     assert "fid_stats" not in one["results"] and one["cluster"]["num_workers"] == 1
     a, b = np.load(tmp_path / "two" / "samples.npz"), np.load(tmp_path / "one" / "samples.npz")
     assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["denoised"], b["denoised"])
