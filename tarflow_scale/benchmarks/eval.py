@@ -124,7 +124,7 @@ JOBS = (
     ("sample", "sample"),
     ("sample_guided", "sample, guided"),
     ("sample_denoised", "denoise"),
-    ("sample_guided_denoised", "fid: guided+denoised, no features"),
+    ("sample_guided_denoised", "fid (guided+denoised, no features)"),
     ("bpd", "bpd"),
 )
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {device} ({name}), {torch.get_num_threads()} CPU threads, fp32, torch {torch.__version__}")
     print(f"batch {args.batch_size}, fastest of {args.repeats} calls after a warm-up; one worker")
     kind = "GPU allocator peak" if device.type == "cuda" else "process peak RSS (VmHWM, reset per job)"
-    header = f"{'config':<6} {'params':>8} {'tokens':>6}  {'job':<46} {'images/s':>10} {'peak MiB':>10}"
+    header = f"{'config':<6} {'params':>8} {'tokens':>6}  {'job':<52} {'images/s':>10} {'peak MiB':>10}"
     print(f"peak memory: {kind}")
     print(header)
     print("-" * len(header))
@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         for key, job in JOBS:
             rate, peak = results[key]
             if key in ("sample_denoised", "sample_guided_denoised"):
-                job = f"{job} (den. batch {denoise_batch or args.batch_size})"
-            row = f"{label:<6} {params:>7.1f}M {config.model.num_tokens:>6}  {job:<46} {rate:>10.1f} {peak:>10.0f}"
+                job = f"{job}, den. batch {min(denoise_batch or args.batch_size, args.batch_size)}"
+            row = f"{label:<6} {params:>7.1f}M {config.model.num_tokens:>6}  {job:<52} {rate:>10.1f} {peak:>10.0f}"
             print(row, flush=True)
     return 0
 
