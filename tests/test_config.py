@@ -156,3 +156,31 @@ def test_run_dir_accepts_file_uris_and_refuses_object_stores():
         load_config(None, ["run_dir=s3://bucket/runs/c1"])
     with pytest.raises(ConfigError, match="absolute path"):
         load_config(None, ["run_dir=file://relative/x"])
+
+
+GPU_RECIPES = ["imagenet64_cond", "imagenet64_uncond", "imagenet64_density"]
+
+
+@pytest.mark.parametrize("name", [*GPU_RECIPES, "imagenet64_cond_p4w1024", "imagenet64_uncond_p4w1024"])
+def test_gpu_recipes_run_at_8_16_32_workers_changing_only_the_worker_count(name):
+    for workers in (8, 16, 32):
+        config = load_config(name, [f"cluster.num_workers={workers}"])
+        assert config.micro_batch_size * config.grad_accum_steps * workers == config.train.global_batch_size == 256
+
+
+@pytest.mark.parametrize("name", GPU_RECIPES)
+def test_paper_recipes_match_the_reference_imagenet64_model(name):
+    """The reference README's ImageNet64 runs: patch 2, width 768, 8 blocks x 8 layers, batch 256, lr 1e-4;
+    uniform dequantization for bits/dim (100 epochs), Gaussian 0.05 for generation (200 epochs)."""
+    config = load_config(name)
+    m = config.model
+    assert (m.patch_size, m.channels, m.num_blocks, m.layers_per_block) == (2, 768, 8, 8)
+    assert (config.train.global_batch_size, config.optim.lr) == (256, 1e-4)
+    epochs = config.train.num_steps * 256 / 1_281_167
+    if name == "imagenet64_density":
+        assert config.data.noise == "uniform" and round(epochs) == 100
+    else:
+        assert (config.data.noise, config.data.noise_std, round(epochs)) == ("gaussian", 0.05, 200)
+    assert m.num_classes == (1000 if name == "imagenet64_cond" else 0)
+    if m.num_classes:
+        assert config.train.label_dropout == 0.1
