@@ -153,13 +153,25 @@ class DeepSpeedConfig:
     """The DeepSpeed engine; its JSON config is generated from this, never written by hand."""
 
     zero_stage: int = 2
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: fp32 for data.noise=uniform (bf16 would round the dequantization away: bits/dim stops being a bound)
+    # and on CPU; bf16 otherwise. bf16 runs only the Transformer trunk under autocast: weights, flow state,
+    # transforms, log-dets and prior stay fp32 (docs/gpu.md).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    tf32: bool = True  # fp32 on GPU: TF32 matmuls (about 7x faster on H100); false: strict fp32
     activation_checkpointing: bool = False
     compile: bool = False
+    # Communication (ZeRO 1/2): overlap gradient reduction with backward; None: on with GPUs, off on CPU/gloo.
+    overlap_comm: bool | None = None
+    contiguous_gradients: bool = True  # copy gradients into one buffer as they are produced (less fragmentation)
+    reduce_bucket_size: int = 500_000_000  # elements reduced per collective (DeepSpeed's default)
+    allgather_bucket_size: int = 500_000_000  # elements gathered per collective after the step (ZeRO 1/2)
 
     def validate(self) -> None:
         if self.zero_stage not in (1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage={self.zero_stage} must be 1, 2 or 3")
+        for name in ("reduce_bucket_size", "allgather_bucket_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"deepspeed.{name} must be >= 1")
 
 
 @dataclass
@@ -183,7 +195,11 @@ class TrainConfig:
 
     num_steps: int = 200
     global_batch_size: int = 32
-    micro_batch_size: int = 16  # per rank per forward pass; accumulation fills the global batch
+    # Per rank per forward pass. 0: derived, global_batch_size / (cluster.num_workers x grad_accum_steps), so a
+    # recipe runs at 8, 16 or 32 workers by changing only cluster.num_workers.
+    micro_batch_size: int = 0
+    grad_accum_steps: int = 0  # 0: derived (1, or as many as max_micro_batch_size / micro_batch_size need)
+    max_micro_batch_size: int = 0  # memory cap per GPU when the micro-batch is derived (0: none)
     label_dropout: float = 0.1  # class-conditional only: drop to the null label for guidance
     log_every: int = 10
     checkpoint_every: int = 100
@@ -203,6 +219,12 @@ class TrainConfig:
             raise ConfigError("train.num_steps must be >= 1")
         if not 0 <= self.label_dropout < 1:
             raise ConfigError("train.label_dropout must be in [0, 1)")
+        for name in ("global_batch_size",):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1")
+        for name in ("micro_batch_size", "grad_accum_steps", "max_micro_batch_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0 (0: derived)")
 
 
 @dataclass
@@ -238,7 +260,12 @@ class EvalConfig:
     kid_max_features: int = 10_000  # features kept per side for KID (generated: indices below this); 0: no KID
     # inception-2015-12-05.pt, or a folder holding it; "": clean-fid's own location (/tmp). Never downloaded.
     inception_path: str = ""
-    num_workers: int = 0  # Ray workers (one GPU each with cluster.use_gpu); 0: cluster.num_workers
+    # Removed: evaluation runs on cluster.num_workers workers (the one knob). Kept only so configs stored in
+    # older checkpoints (num_workers: 0) still load; any other value is an error.
+    num_workers: int = 0
+    # Images per forward+backward of the Tweedie step (its activations are kept for the backward pass: about
+    # 3 GiB per 64x64 image for the paper's model in fp32); 0: eval.batch_size. The default fits an 80 GB GPU.
+    denoise_batch_size: int = 16
     out_dir: str = ""  # metrics.json and PNGs; "": an `eval` folder beside the checkpoint
     progress_every_s: float = 10.0  # seconds between progress lines on the driver
 
@@ -250,7 +277,12 @@ class EvalConfig:
                 raise ConfigError(f"eval.{name} must be >= 1")
         if self.fid_num_samples < 2:
             raise ConfigError("eval.fid_num_samples must be >= 2 (a covariance needs two samples)")
-        for name in ("max_redraws", "num_workers", "kid_max_features", "denoise_noise_std"):
+        if self.num_workers:
+            raise ConfigError(
+                f"eval.num_workers={self.num_workers}: this key was removed; evaluation runs on cluster.num_workers "
+                "workers (set cluster.num_workers=N instead)"
+            )
+        for name in ("max_redraws", "denoise_batch_size", "kid_max_features", "denoise_noise_std"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"eval.{name} must be >= 0")
         if self.attn_temp <= 0:
@@ -275,6 +307,7 @@ class RunConfig:
     def validate(self) -> RunConfig:
         for part in (self.model, self.data, self.optim, self.deepspeed, self.cluster, self.train):
             part.validate()
+        local_run_dir(self.run_dir)
         if self.data.image_size not in (0, self.model.image_size):
             raise ConfigError(
                 f"data.image_size={self.data.image_size} must be 0 (the shards' size) or model.image_size="
@@ -282,17 +315,82 @@ class RunConfig:
             )
         if self.optim.ema_decay > 0 and self.deepspeed.zero_stage == 3:
             raise ConfigError("optim.ema_decay>0 needs deepspeed.zero_stage<=2 (ZeRO-3 partitions the weights)")
-        per_step = self.cluster.num_workers * self.train.micro_batch_size
-        if self.train.global_batch_size % per_step:
-            raise ConfigError(
-                f"train.global_batch_size={self.train.global_batch_size} is not divisible by "
-                f"cluster.num_workers x train.micro_batch_size = {per_step}"
-            )
+        resolve_batching(self.train, self.cluster.num_workers)
         return self
 
     @property
+    def micro_batch_size(self) -> int:
+        """Images per rank per forward pass (train.micro_batch_size, or derived when 0)."""
+        return resolve_batching(self.train, self.cluster.num_workers)[0]
+
+    @property
     def grad_accum_steps(self) -> int:
-        return self.train.global_batch_size // (self.cluster.num_workers * self.train.micro_batch_size)
+        """Micro-batches per optimizer step on each rank (train.grad_accum_steps, or derived when 0)."""
+        return resolve_batching(self.train, self.cluster.num_workers)[1]
+
+
+def local_run_dir(run_dir: str) -> Path:
+    """The run directory as a local (or mounted shared) path; `file://` URIs are accepted.
+
+    Object-store URIs (s3://, gs://, ...) are refused: besides Ray's checkpoints, rank 0 writes metrics, sample
+    grids and the export into run_dir with ordinary file I/O, and evaluation reads it the same way. Mount the
+    bucket (or use NFS/FSx/Filestore) on every node and pass the mount point.
+    """
+    if "://" not in run_dir:
+        return Path(run_dir)
+    scheme, rest = run_dir.split("://", 1)
+    if scheme == "file":
+        if not rest.startswith("/"):
+            raise ConfigError(f"run_dir={run_dir}: a file:// URI needs an absolute path (file:///shared/runs/x)")
+        return Path(rest)
+    raise ConfigError(
+        f"run_dir={run_dir}: {scheme}:// storage is not supported (metrics, samples and the export are written with "
+        "file I/O); mount shared storage on every node and give its path, or a file:// URI"
+    )
+
+
+def resolve_batching(train: TrainConfig, num_workers: int) -> tuple[int, int]:
+    """(micro-batch per rank, accumulation steps) with micro x workers x accumulation = global batch.
+
+    Values left at 0 are derived; an explicit value is an error only when no derived partner makes the
+    product exact, and the message names the keys at fault.
+    """
+    total, micro, accum = train.global_batch_size, train.micro_batch_size, train.grad_accum_steps
+    cap = train.max_micro_batch_size
+    per_rank, remainder = divmod(total, num_workers)
+    if remainder:
+        raise ConfigError(
+            f"train.global_batch_size={total} is not divisible by cluster.num_workers={num_workers}: every rank "
+            "must see the same number of images per step"
+        )
+    if micro and accum:
+        if micro * accum != per_rank:
+            raise ConfigError(
+                f"train.micro_batch_size={micro} x train.grad_accum_steps={accum} x cluster.num_workers="
+                f"{num_workers} = {micro * accum * num_workers} != train.global_batch_size={total} (set one of "
+                "them to 0 to derive it)"
+            )
+        return micro, accum
+    if micro:
+        if per_rank % micro:
+            raise ConfigError(
+                f"train.micro_batch_size={micro} cannot work with cluster.num_workers={num_workers}: "
+                f"train.global_batch_size={total} gives {per_rank} images per rank, not a multiple of {micro} "
+                "(set train.micro_batch_size=0 to derive it)"
+            )
+        return micro, per_rank // micro
+    if accum:
+        if per_rank % accum:
+            raise ConfigError(
+                f"train.grad_accum_steps={accum} does not divide the {per_rank} images per rank "
+                f"(train.global_batch_size={total} / cluster.num_workers={num_workers})"
+            )
+        return per_rank // accum, accum
+    # Both derived: the fewest accumulation steps that keep the micro-batch within the memory cap.
+    for steps in range(1, per_rank + 1):
+        if per_rank % steps == 0 and (not cap or per_rank // steps <= cap):
+            return per_rank // steps, steps
+    raise AssertionError("unreachable: steps = per_rank gives a micro-batch of 1")
 
 
 # ----------------------------------------------------------------------------------------------------------

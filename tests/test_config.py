@@ -55,7 +55,7 @@ def test_wrong_type_is_named(tmp_path):
 
 
 def test_cross_field_validation():
-    with pytest.raises(ConfigError, match="global_batch_size=30 is not divisible"):
+    with pytest.raises(ConfigError, match=r"micro_batch_size=16 cannot work .*global_batch_size=30 gives 15"):
         load_config(None, ["train.global_batch_size=30", "train.micro_batch_size=16", "cluster.num_workers=2"])
     with pytest.raises(ConfigError, match="not divisible by model.patch_size"):
         load_config(None, ["model.image_size=15"])
@@ -105,3 +105,82 @@ def test_required_overrides_are_accepted():
 def test_tiny_yaml_is_the_builtin_default():
     """The Quickstart runs the built-in defaults; configs/tiny.yaml documents them and must not drift."""
     assert load_config(CONFIG_DIR / "tiny.yaml") == load_config(None)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4, 8, 16, 32, 64])
+def test_micro_batch_is_derived_for_any_worker_count(workers):
+    """A recipe runs at any worker count dividing the global batch by changing only cluster.num_workers."""
+    config = load_config(
+        None, ["train.global_batch_size=256", "train.max_micro_batch_size=32", f"cluster.num_workers={workers}"]
+    )
+    micro, accum = config.micro_batch_size, config.grad_accum_steps
+    assert micro * accum * workers == 256 and micro <= 32
+    assert accum == max(1, 256 // workers // 32)  # the fewest accumulation steps within the cap
+
+
+def test_explicit_batch_values_error_only_when_they_cannot_work():
+    ok = load_config(None, ["train.global_batch_size=256", "train.micro_batch_size=32", "cluster.num_workers=4"])
+    assert (ok.micro_batch_size, ok.grad_accum_steps) == (32, 2)
+    ok = load_config(None, ["train.global_batch_size=256", "train.grad_accum_steps=4", "cluster.num_workers=8"])
+    assert (ok.micro_batch_size, ok.grad_accum_steps) == (8, 4)
+    with pytest.raises(ConfigError, match=r"train\.micro_batch_size=32 cannot work with cluster\.num_workers=16"):
+        load_config(None, ["train.global_batch_size=256", "train.micro_batch_size=32", "cluster.num_workers=16"])
+    with pytest.raises(ConfigError, match=r"global_batch_size=256 is not divisible by cluster\.num_workers=3"):
+        load_config(None, ["train.global_batch_size=256", "cluster.num_workers=3"])
+    with pytest.raises(ConfigError, match=r"micro_batch_size=8 x train\.grad_accum_steps=2 x cluster\.num_workers=4"):
+        load_config(
+            None,
+            [
+                "train.global_batch_size=256",
+                "train.micro_batch_size=8",
+                "train.grad_accum_steps=2",
+                "cluster.num_workers=4",
+            ],
+        )
+
+
+def test_eval_num_workers_was_replaced_by_cluster_num_workers():
+    from tarflow_scale.config import EvalConfig
+
+    EvalConfig(num_workers=0).validate()  # what configs stored in older checkpoints hold
+    with pytest.raises(ConfigError, match=r"eval\.num_workers=8: this key was removed.*cluster\.num_workers=N"):
+        EvalConfig(num_workers=8).validate()
+
+
+def test_run_dir_accepts_file_uris_and_refuses_object_stores():
+    from tarflow_scale.config import local_run_dir
+
+    assert str(local_run_dir("file:///shared/runs/c1")) == "/shared/runs/c1"
+    assert str(local_run_dir("runs/tiny")) == "runs/tiny"
+    with pytest.raises(ConfigError, match=r"run_dir=s3://bucket/runs/c1: s3:// storage is not supported"):
+        load_config(None, ["run_dir=s3://bucket/runs/c1"])
+    with pytest.raises(ConfigError, match="absolute path"):
+        load_config(None, ["run_dir=file://relative/x"])
+
+
+GPU_RECIPES = ["imagenet64_cond", "imagenet64_uncond", "imagenet64_density"]
+
+
+@pytest.mark.parametrize("name", [*GPU_RECIPES, "imagenet64_cond_p4w1024", "imagenet64_uncond_p4w1024"])
+def test_gpu_recipes_run_at_8_16_32_workers_changing_only_the_worker_count(name):
+    for workers in (8, 16, 32):
+        config = load_config(name, [f"cluster.num_workers={workers}"])
+        assert config.micro_batch_size * config.grad_accum_steps * workers == config.train.global_batch_size == 256
+
+
+@pytest.mark.parametrize("name", GPU_RECIPES)
+def test_paper_recipes_match_the_reference_imagenet64_model(name):
+    """The reference README's ImageNet64 runs: patch 2, width 768, 8 blocks x 8 layers, batch 256, lr 1e-4;
+    uniform dequantization for bits/dim (100 epochs), Gaussian 0.05 for generation (200 epochs)."""
+    config = load_config(name)
+    m = config.model
+    assert (m.patch_size, m.channels, m.num_blocks, m.layers_per_block) == (2, 768, 8, 8)
+    assert (config.train.global_batch_size, config.optim.lr) == (256, 1e-4)
+    epochs = config.train.num_steps * 256 / 1_281_167
+    if name == "imagenet64_density":
+        assert config.data.noise == "uniform" and round(epochs) == 100
+    else:
+        assert (config.data.noise, config.data.noise_std, round(epochs)) == ("gaussian", 0.05, 200)
+    assert m.num_classes == (1000 if name == "imagenet64_cond" else 0)
+    if m.num_classes:
+        assert config.train.label_dropout == 0.1

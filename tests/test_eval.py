@@ -221,6 +221,23 @@ def test_tweedie_step_gives_the_analytic_posterior_mean():
         torch.testing.assert_close(tweedie_denoise(model, x, sigma), denoised)
 
 
+def test_tweedie_micro_batches_give_the_unbatched_result():
+    """eval.denoise_batch_size bounds the backward pass's memory; the result must not depend on it."""
+    model = random_model(seed=3, num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 3, SIZE, SIZE, generator=g)
+    y = torch.tensor([0, 1, 2, -1, 0, 1, 2, -1, 0, 1])  # including null labels
+    whole = tweedie_denoise(model, x, 0.1, y)
+    assert (whole - x).abs().max() > 1e-4  # the step did real work
+    for batch_size in (1, 3, 4, 10, 64):  # uneven last parts, and one larger than the batch
+        parts = tweedie_denoise(model, x, 0.1, y, batch_size=batch_size)
+        assert torch.equal(parts, whole), batch_size  # bitwise on CPU: each image's score is its own
+    uncond = random_model(seed=4)
+    torch.testing.assert_close(tweedie_denoise(uncond, x, 0.1, batch_size=3), tweedie_denoise(uncond, x, 0.1))
+    with pytest.raises(ValueError, match="batch_size must be >= 0"):
+        tweedie_denoise(model, x, 0.1, y, batch_size=-1)
+
+
 def test_score_matches_finite_differences_of_log_prob():
     model = random_model(num_classes=CLASSES).double()
     x = 0.5 * torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64)
@@ -483,7 +500,7 @@ def test_full_evaluation_is_exact_once_and_independent_of_the_worker_count(ray_s
     assert fid["denoised"] and "not FID" in fid["warning"]
 
     # One worker: the same samples, the same denoised samples, the same FID; the cached reference is reused.
-    one = _run(path, tmp_path / "one", *common, "eval.jobs=[sample,denoise,fid]", "eval.num_workers=1")
+    one = _run(path, tmp_path / "one", *common, "eval.jobs=[sample,denoise,fid]", "cluster.num_workers=1")
     assert "fid_stats" not in one["results"] and one["cluster"]["num_workers"] == 1
     a, b = np.load(tmp_path / "two" / "samples.npz"), np.load(tmp_path / "one" / "samples.npz")
     assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["denoised"], b["denoised"])

@@ -40,3 +40,37 @@ def test_gpu_sampling_matches_cpu():
     cpu = model.inverse(z, y, guidance=1.5)
     gpu = model.cuda().inverse(z.cuda(), y.cuda(), guidance=1.5).cpu()
     torch.testing.assert_close(gpu, cpu, atol=1e-3, rtol=1e-3)
+
+
+def test_bf16_trunk_policy_on_gpu_keeps_fp32_flow_and_dequantized_values():
+    """The trainer's bf16 policy on CUDA: trunk in bf16, flow state fp32, every dequantized value kept."""
+    from tarflow_scale.data import augment
+    from tarflow_scale.models.tarflow import patchify
+
+    model = small_model().cuda().set_trunk_dtype(torch.bfloat16)
+    x = torch.randn(8, 3, 16, 16, device="cuda")
+    y = torch.arange(8, device="cuda") % 3
+    with torch.no_grad():
+        reference = model.set_trunk_dtype(None).log_prob(x, y)
+        low = model.set_trunk_dtype(torch.bfloat16).log_prob(x, y)
+    assert low.dtype == torch.float32
+    assert ((low - reference).abs() / reference.abs()).max() < 0.02
+    pixels = torch.full((256, 3, 16, 16), 200, dtype=torch.uint8)
+    dequantized = augment(pixels, "uniform", 0.0, torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        z, _ = model.blocks[0](patchify(dequantized, 2), torch.zeros(256, dtype=torch.long, device="cuda"))
+    assert z.dtype == torch.float32
+    assert z[:, -1, 0].unique().numel() == patchify(dequantized, 2)[:, -1, 0].unique().numel()
+
+
+def test_tf32_is_enabled_for_fp32_runs_on_gpu_unless_disabled():
+    from tarflow_scale.config import load_config
+    from tarflow_scale.training.trainer import configure_precision
+
+    device = torch.device("cuda")
+    density = load_config("imagenet64_density")
+    assert configure_precision(small_model(), density, device) == "fp32"
+    assert torch.backends.cuda.matmul.allow_tf32
+    strict = load_config("imagenet64_density", ["deepspeed.tf32=false"])
+    configure_precision(small_model(), strict, device)
+    assert not torch.backends.cuda.matmul.allow_tf32

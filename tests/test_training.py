@@ -261,3 +261,28 @@ def test_init_from_starts_from_those_weights_with_a_fresh_schedule(ray_cluster, 
     assert str(dataset) in card and "| steps | 2 " in card
     published = TarFlow.from_pretrained(tmp_path / "published").state_dict()
     assert all(torch.equal(published[k], final[k]) for k in final)
+
+
+def test_bf16_run_in_a_file_uri_run_dir_exports_the_fp32_master_weights(ray_cluster, dataset, tmp_path):
+    """deepspeed.precision=bf16 (trunk autocast) trains on 2 gloo workers; run_dir given as a file:// URI goes
+    through Ray Train's storage; the trainer's export equals DeepSpeed's fp32 consolidation of the optimizer's
+    master weights, and reproduces the engine's bf16-policy log-likelihood on the probe batch."""
+    from safetensors.torch import load_file
+
+    from tarflow_scale.training.cluster import launch
+
+    run_dir = tmp_path / "bf16"
+    launch(run_config(dataset, run_dir, f"run_dir={run_dir.as_uri()}", "deepspeed.precision=bf16"))
+    check_finished_run(run_dir)
+    live = load_file(run_dir / "model.safetensors")
+    consolidated = load_file(export_checkpoint(latest_checkpoint(run_dir), tmp_path / "master.safetensors"))
+    assert live.keys() == consolidated.keys()
+    assert all(live[k].dtype == torch.float32 and torch.equal(live[k], consolidated[k]) for k in live)
+    # The weights are not bf16-rounded: most values carry more than bf16's 8 significant bits.
+    weights = live["blocks.0.layers.0.mlp.0.weight"]
+    assert not torch.equal(weights, weights.bfloat16().float())
+    model = load_model(run_dir / "model.safetensors").set_trunk_dtype(torch.bfloat16)
+    x, y = probe_batch(load_config(run_dir / "config.yaml"))
+    engine_log_prob = [r for r in read_metrics(run_dir) if "probe_log_prob" in r][-1]["probe_log_prob"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.log_prob(x, y), torch.tensor(engine_log_prob), rtol=1e-5, atol=1e-3)

@@ -49,12 +49,12 @@ def bench_training(model: TarFlow, batch: int, steps: int, device: torch.device,
     x = torch.randn(batch, c.in_channels, c.image_size, c.image_size, device=device)
     y = torch.randint(0, c.num_classes, (batch,), device=device) if c.num_classes else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    # The trainer's precision policy: only the Transformer trunk autocasts; the flow maths stays fp32.
+    model.set_trunk_dtype(dtype if dtype != torch.float32 else None)
     flops = count_train_flops(model, x, y)
 
     def step():
-        with autocast:
-            loss = -model.log_prob(x, y).mean()
+        loss = -model.log_prob(x, y).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -85,7 +85,7 @@ def bench_sampling(model: TarFlow, batch: int, device: torch.device, guidance: f
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tarflow-bench model", description=__doc__)
     parser.add_argument("--config", help="YAML run config (default: the built-in tiny run)")
-    parser.add_argument("--batch-size", type=int, default=0, help="training batch (default: train.micro_batch_size)")
+    parser.add_argument("--batch-size", type=int, default=0, help="training batch (default: the config's micro-batch)")
     parser.add_argument("--sample-batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5, help="timed training steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         f"transform {c.transform}"
     )
     peak = measure_matmul_peak(device, dtype)
-    batch = args.batch_size or config.train.micro_batch_size
+    batch = args.batch_size or config.micro_batch_size
     train = bench_training(model, batch, args.steps, device, dtype)
     plain = bench_sampling(model, args.sample_batch_size, device, guidance=0.0)
     guided = bench_sampling(model, args.sample_batch_size, device, guidance=1.0)

@@ -33,8 +33,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"tarflow-train: config error: {e}", file=sys.stderr)
         return 2
+    from tarflow_scale.training.deepspeed_config import describe_precision, precision_warning
+
+    warning = precision_warning(config)
+    if warning:
+        print(f"tarflow-train: warning: {warning}", file=sys.stderr)
     if args.dry_run:
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        print(f"# {describe_precision(config)}")
+        print(
+            f"# batch: {config.train.global_batch_size} = {config.cluster.num_workers} workers x micro-batch "
+            f"{config.micro_batch_size} x {config.grad_accum_steps} accumulation step(s)"
+        )
         return 0
     if config.train.init_from:  # before any worker starts: the file exists and holds this run's model
         from tarflow_scale.checkpoint import CheckpointError, check_initial_weights

@@ -158,7 +158,8 @@ class EvalWorker:
         out = {"indices": indices, "images": images.float().cpu(), "redrawn": redrawn}
         out["labels"] = None if labels is None else labels.cpu()
         if denoise_std is not None:
-            out["denoised"] = tweedie_denoise(self.model, images, denoise_std, labels, step).float().cpu()
+            batch = self.config.eval.denoise_batch_size
+            out["denoised"] = tweedie_denoise(self.model, images, denoise_std, labels, step, batch).float().cpu()
         return out
 
     def _feature_network(self):
@@ -178,7 +179,7 @@ class EvalWorker:
         """Generate, (denoise), quantise and featurise samples `indices` into this worker's "fid" statistics."""
         images, labels, redrawn = generate(self.model, indices, settings)
         if denoise_std is not None:
-            images = tweedie_denoise(self.model, images, denoise_std, labels, step)
+            images = tweedie_denoise(self.model, images, denoise_std, labels, step, self.config.eval.denoise_batch_size)
         pixels = to_uint8(images).cpu()  # (B, C, H, W): exactly what a PNG of the sample holds
         if png_dir:
             _write_pngs(pixels, indices, png_dir)
@@ -224,7 +225,7 @@ class WorkerPool:
         if short:
             detail = ", ".join(f"{v} {k} needed, {h:g} in the cluster" for k, (v, h) in short.items())
             raise ConfigError(
-                f"{num_workers} evaluation workers do not fit the Ray cluster ({detail}); lower eval.num_workers / "
+                f"{num_workers} evaluation workers do not fit the Ray cluster ({detail}); lower "
                 "cluster.num_workers or cluster.cpus_per_worker"
             )
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -502,7 +503,7 @@ def evaluate(
     reference_path, reference, build_reference = None, None, False
     if "fid" in jobs or "fid_stats" in jobs:
         reference_path, reference, build_reference = _plan_fid(config, jobs)
-    num_workers = e.num_workers or config.cluster.num_workers
+    num_workers = config.cluster.num_workers  # the one knob (eval.num_workers was removed)
     settings = SampleSettings(e.seed, e.guidance, e.guidance_annealed, e.attn_temp, e.max_redraws)
     out_dir.mkdir(parents=True, exist_ok=True)
 

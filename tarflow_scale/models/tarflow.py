@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,18 @@ from .transformer import KVCache, LayerNorm32, TransformerLayer
 from .transforms import TokenTransform, build_transform
 
 NULL_LABEL = -1  # label value meaning "no class": unconditional sampling, or a label dropped in training
+
+
+def trunk_autocast(x: Tensor, dtype: torch.dtype | None):
+    """Autocast for a block's Transformer trunk: matmuls and attention in `dtype` (bf16 policy); None leaves the
+    ambient autocast state alone. fp64 inputs are never autocast (torch skips doubles), so float64 tests stay exact.
+    """
+    return nullcontext() if dtype is None else torch.autocast(x.device.type, dtype=dtype)
+
+
+def no_autocast(x: Tensor):
+    """The flow's own maths (transforms, log-dets, mixers) never runs in reduced precision."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def patchify(x: Tensor, patch_size: int) -> Tensor:
@@ -54,6 +67,9 @@ class FlowBlock(nn.Module):
         self.config = config
         self.transform = transform
         self.reverse_order = reverse_order
+        # Precision policy (docs/gpu.md): the dtype the Transformer trunk autocasts to (None: the input's dtype).
+        # Infrastructure, not architecture: set by TarFlow.set_trunk_dtype, never stored in a checkpoint.
+        self.trunk_dtype: torch.dtype | None = None
         self.proj_in = nn.Linear(D, C)
         self.pos_embed = nn.Parameter(torch.randn(T, C) * 0.02)
         if config.num_classes:
@@ -98,19 +114,24 @@ class FlowBlock(nn.Module):
     def transform_params(self, x: Tensor, y: Tensor | None = None, attn_temp: Tensor | None = None) -> Tensor:
         """Parameters of every token's transform from a full causal pass. x: (B, T, D) in block order.
 
-        Returns (B, T, D, P); row t depends only on x[:, :t] (row 0 is zero).
+        Returns (B, T, D, P) in x's dtype; row t depends only on x[:, :t] (row 0 is zero). Under the bf16 policy
+        the trunk's matmuls run in bf16 while the residual stream h stays fp32 (bf16 outputs add onto fp32).
         """
-        h = self.proj_in(x) + self.pos_embed.to(x.dtype) + self.label_embedding(y, x.shape[0], x)
-        for layer in self.layers:
-            h = layer(h, attn_temp)
-        params = self._head(h)
+        with trunk_autocast(x, self.trunk_dtype):
+            h = self.proj_in(x) + self.pos_embed.to(x.dtype) + self.label_embedding(y, x.shape[0], x)
+            for layer in self.layers:
+                h = layer(h, attn_temp)
+            params = self._head(h)
+        params = params.to(x.dtype)  # the transform's parameters enter the flow maths at full precision
         # TarFlow Sec. 3: the shift by one keeps the Jacobian triangular; token 0 gets the identity.
         return torch.cat([torch.zeros_like(params[:, :1]), params[:, :-1]], dim=1)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x: (B, T, D) tokens -> z (B, T, D), log|det dz/dx| (B,) in nats."""
         x = self.permute(x)
-        z, log_det = self.transform.forward(x, self.transform_params(x, y))
+        params = self.transform_params(x, y)
+        with no_autocast(x):  # flow state, transform and log-det keep the input's precision (fp32)
+            z, log_det = self.transform.forward(x, params)
         return self.permute(z), log_det.flatten(1).sum(1)
 
     def inverse(
@@ -206,6 +227,15 @@ class TarFlow(
     def num_dims(self) -> int:
         return self.config.num_dims
 
+    def set_trunk_dtype(self, dtype: torch.dtype | None) -> TarFlow:
+        """Precision policy: run every block's Transformer trunk under autocast to `dtype` (torch.bfloat16 for the
+        bf16 policy), or in the input's dtype (None). Parameters, the flow state between blocks, transforms,
+        log-determinants, mixers and the prior keep the input's dtype (fp32) either way. Applies to `forward`
+        (training, bits/dim, the Tweedie score); sampling precision is the sampler's choice."""
+        for block in self.blocks:
+            block.trunk_dtype = dtype
+        return self
+
     def _check_input(self, x: Tensor) -> None:
         c = self.config
         expected = (c.in_channels, c.image_size, c.image_size)
@@ -222,7 +252,8 @@ class TarFlow(
             tokens, block_log_det = block(tokens, y)
             log_det = log_det + block_log_det
             if k < len(self.mixers):
-                tokens, mixer_log_det = self.mixers[k](tokens)
+                with no_autocast(tokens):
+                    tokens, mixer_log_det = self.mixers[k](tokens)
                 log_det = log_det + mixer_log_det
         return unpatchify(tokens, c.patch_size, c.in_channels, c.image_size), log_det
 

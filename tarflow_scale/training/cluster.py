@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..config import ConfigError, RunConfig, dump_config, to_dict
+from ..config import ConfigError, RunConfig, dump_config, local_run_dir, to_dict
 from ..data import read_manifest, resolve_data_path
 
 DEFAULT_EXTENSIONS_DIR = Path.home() / ".cache" / "tarflow_scale" / "torch_extensions"
@@ -52,7 +52,7 @@ def launch(config: RunConfig, address: str | None = None):
     from .trainer import train_worker
 
     config.validate()
-    run_dir = Path(config.run_dir).resolve()
+    run_dir = local_run_dir(config.run_dir).resolve()  # accepts file:// URIs
     config.run_dir = str(run_dir)
     config.data.path = resolve_data_path(config.data)
     check_data_matches_model(config)
@@ -71,7 +71,7 @@ def launch(config: RunConfig, address: str | None = None):
         ),
         run_config=RayRunConfig(
             name=run_dir.name,
-            storage_path=str(run_dir.parent),
+            storage_path=run_dir.parent.as_uri(),  # Ray Train's storage (pyarrow fs) on the shared path
             failure_config=FailureConfig(max_failures=config.cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
         ),

@@ -1,4 +1,5 @@
-"""Generate the DeepSpeed JSON config from the typed run config (never keep a hand-written second copy)."""
+"""Generate the DeepSpeed JSON config from the typed run config (never keep a hand-written second copy), and
+resolve the precision policy (docs/gpu.md)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,42 @@ from typing import Any
 
 from ..config import RunConfig
 
+UNIFORM_BF16_WARNING = (
+    "deepspeed.precision=bf16 with data.noise=uniform: the Transformer sees the dequantized input rounded to bf16 "
+    "(about 3 distinct values per 8-bit bin), so the logged bits/dim is not a valid bound; use "
+    "deepspeed.precision=fp32 (or auto) for density estimation"
+)
+
 
 def resolve_precision(config: RunConfig) -> str:
-    """'auto' means bf16 on GPUs and fp32 on CPUs (DeepSpeed refuses fp16/bf16 speedups on CPU anyway)."""
+    """'auto' means fp32 on CPU and for uniform dequantization (a bits/dim bound needs the input's resolution),
+    bf16 otherwise. fp32 on GPU runs TF32 matmuls unless deepspeed.tf32=false."""
     if config.deepspeed.precision == "auto":
-        return "bf16" if config.cluster.use_gpu else "fp32"
+        if not config.cluster.use_gpu or config.data.noise == "uniform":
+            return "fp32"
+        return "bf16"
     return config.deepspeed.precision
+
+
+def precision_warning(config: RunConfig) -> str | None:
+    """A warning for a precision that makes the logged bits/dim invalid, else None."""
+    if resolve_precision(config) == "bf16" and config.data.noise == "uniform":
+        return UNIFORM_BF16_WARNING
+    return None
+
+
+def describe_precision(config: RunConfig) -> str:
+    """One line for --dry-run and the run log: the resolved precision and why."""
+    precision = resolve_precision(config)
+    where = "GPU" if config.cluster.use_gpu else "CPU"
+    why = f"auto, data.noise={config.data.noise} on {where}" if config.deepspeed.precision == "auto" else "set"
+    if precision == "bf16":
+        detail = "Transformer matmuls/attention in bf16 autocast; weights, flow state, transforms, log-dets fp32"
+    elif config.cluster.use_gpu and config.deepspeed.tf32:
+        detail = "fp32 with TF32 matmuls (deepspeed.tf32=false for strict fp32)"
+    else:
+        detail = "strict fp32"
+    return f"precision: {precision} ({why}): {detail}"
 
 
 def build_deepspeed_config(config: RunConfig) -> dict[str, Any]:
@@ -19,11 +50,25 @@ def build_deepspeed_config(config: RunConfig) -> dict[str, Any]:
 
     The learning-rate schedule is ours (`schedule.warmup_cosine`), handed to DeepSpeed as a client scheduler so
     its state is saved in every checkpoint and a resumed run continues the same curve.
+
+    Precision: DeepSpeed's `bf16` section stays off even under the bf16 policy, because it turns the module's
+    parameters (and so the flow's transforms, log-dets and prior) into bf16. The model instead runs only its
+    Transformer trunk under torch.autocast (TarFlow.set_trunk_dtype): parameters, gradients, their reduction
+    and the optimizer state are fp32, so the module's weights are the fp32 master weights.
     """
-    opt, train = config.optim, config.train
+    opt, train, ds = config.optim, config.train, config.deepspeed
+    overlap = config.cluster.use_gpu if ds.overlap_comm is None else ds.overlap_comm
+    zero: dict[str, Any] = {
+        "stage": ds.zero_stage,
+        "overlap_comm": overlap,
+        "contiguous_gradients": ds.contiguous_gradients,
+        "reduce_bucket_size": ds.reduce_bucket_size,
+    }
+    if ds.zero_stage < 3:
+        zero["allgather_bucket_size"] = ds.allgather_bucket_size
     return {
         "train_batch_size": train.global_batch_size,
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "train_micro_batch_size_per_gpu": config.micro_batch_size,
         "gradient_accumulation_steps": config.grad_accum_steps,
         # Explicit: DeepSpeed 0.19 clips at 1.0 when this key is absent.
         "gradient_clipping": opt.grad_clip,
@@ -32,8 +77,8 @@ def build_deepspeed_config(config: RunConfig) -> dict[str, Any]:
             # torch_adam: use torch.optim.AdamW instead of FusedAdam, which JIT-compiles for ~1 min on first use.
             "params": {"lr": opt.lr, "betas": list(opt.betas), "weight_decay": opt.weight_decay, "torch_adam": True},
         },
-        "bf16": {"enabled": resolve_precision(config) == "bf16"},
-        "zero_optimization": {"stage": config.deepspeed.zero_stage},
+        "bf16": {"enabled": False},  # see the docstring: bf16 is the model's trunk autocast, not DeepSpeed's
+        "zero_optimization": zero,
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }

@@ -37,7 +37,7 @@ from ..models.tarflow import NULL_LABEL, TarFlow
 from ..models.transformer import TransformerLayer
 from ..sampling import sample_indices, save_grid
 from ..seeding import derive_seed
-from .deepspeed_config import build_deepspeed_config, resolve_precision
+from .deepspeed_config import build_deepspeed_config, describe_precision, precision_warning, resolve_precision
 from .metrics import MetricsLogger, emit
 from .schedule import make_scheduler
 
@@ -163,16 +163,45 @@ def _save_samples(engine, config: RunConfig, step: int, rank: int) -> None:
     save_grid(images, Path(config.run_dir) / "samples" / f"step_{step:08d}.png")
 
 
-def _finish(engine, config: RunConfig, state: LoopState, logger: MetricsLogger, rank: int, device, dtype) -> None:
-    """Log the engine's log-likelihood on the probe batch and write the slim export from the live weights."""
+def configure_precision(model: TarFlow, config: RunConfig, device: torch.device) -> str:
+    """Apply the precision policy (docs/gpu.md) to this process and model; returns the resolved precision.
+
+    bf16: only the Transformer trunks autocast to bf16; the module keeps fp32 parameters (DeepSpeed's bf16
+    section stays off), so its weights are the fp32 master weights. fp32 on GPU: TF32 matmuls unless
+    deepspeed.tf32=false.
+    """
+    precision = resolve_precision(config)
+    model.set_trunk_dtype(torch.bfloat16 if precision == "bf16" else None)
+    if device.type == "cuda":
+        tf32 = precision == "fp32" and config.deepspeed.tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    return precision
+
+
+def master_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's weights for export; they must be the fp32 master weights (not a bf16-rounded copy)."""
+    state = strip_wrapper_prefixes(module.state_dict())
+    rounded = sorted(k for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32)
+    if rounded:
+        raise RuntimeError(
+            f"the engine's module holds {state[rounded[0]].dtype} weights ({rounded[0]}, ...): exporting them would "
+            "not give the fp32 master weights; export the checkpoint with tarflow-export instead"
+        )
+    return state
+
+
+def _finish(engine, config: RunConfig, state: LoopState, logger: MetricsLogger, rank: int, device) -> None:
+    """Log the engine's log-likelihood on the probe batch and write the slim export from the live weights (fp32
+    master weights: the module's parameters stay fp32 under every precision policy)."""
     x, y = probe_batch(config)
     with torch.no_grad():  # collective under ZeRO-3: every rank runs the probe
-        z, log_det = engine(x.to(device=device, dtype=dtype), None if y is None else y.to(device))
+        z, log_det = engine(x.to(device), None if y is None else y.to(device))
         probe_log_prob = (engine.module.prior(z) + log_det).float().cpu().tolist()
     logger.log(state.step, {"probe_log_prob": probe_log_prob})
     model = _plain_model(engine, config, rank)
     if model is not None:
-        state_dict = strip_wrapper_prefixes(model.state_dict())
+        state_dict = master_state_dict(model)
         tag = f"step_{state.step:08d}"
         path = save_export(state_dict, config, Path(config.run_dir) / EXPORT_NAME, "live engine", tag, ema=False)
         emit(f"exported {path}")
@@ -245,6 +274,11 @@ def train_worker(config_dict: dict) -> None:
     model = TarFlow(config.model)
     if train.init_from:  # fine-tuning: these weights, fresh optimizer and schedule; a resume below overrides them
         model.load_state_dict(load_initial_weights(train.init_from, config.model))
+    configure_precision(model, config, device)
+    if rank == 0:
+        emit(describe_precision(config))
+        if precision_warning(config):
+            emit(f"WARNING: {precision_warning(config)}")
     if config.deepspeed.activation_checkpointing:
         apply_activation_checkpointing(model)
     engine, _, _, scheduler = deepspeed.initialize(
@@ -256,7 +290,6 @@ def train_worker(config_dict: dict) -> None:
     )
     if config.deepspeed.compile:
         engine.compile()
-    dtype = torch.bfloat16 if resolve_precision(config) == "bf16" else torch.float32
     ema = EMA(engine.module, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
     state = _resume(engine, config, ema, world)
     logger = MetricsLogger(config.run_dir, train.num_steps, enabled=rank == 0)
@@ -271,14 +304,15 @@ def train_worker(config_dict: dict) -> None:
         if loader is None or state.step % train.checkpoint_every == 0:
             # Re-seeded at each checkpoint boundary, so a resumed run sees the same batches.
             seed = derive_seed(train.seed, "data", state.step)
-            loader = iter(make_train_loader(data, train.micro_batch_size, rank, world, seed, stats))
+            loader = iter(make_train_loader(data, config.micro_batch_size, rank, world, seed, stats))
         _maybe_inject_fault(config, state.step, rank, world)
         for micro in range(config.grad_accum_steps):
             attempt = 0
             while True:
                 images, labels = next(loader)
                 generator = torch.Generator().manual_seed(derive_seed(train.seed, state.step, micro, rank, attempt))
-                x = augment(images, data.noise, data.noise_std, generator).to(device=device, dtype=dtype)
+                # fp32 under every policy: a bf16 input would round uniform dequantization back onto a lattice.
+                x = augment(images, data.noise, data.noise_std, generator).to(device=device, dtype=torch.float32)
                 y = None
                 if conditional:
                     drop = torch.rand(labels.shape, generator=generator) < train.label_dropout
@@ -346,7 +380,7 @@ def train_worker(config_dict: dict) -> None:
             _save_samples(engine, config, state.step, rank)
         if state.step % train.checkpoint_every == 0 or is_last:
             _save_checkpoint(engine, config, state, {"step": state.step, **last_metrics}, ema, rank)
-    _finish(engine, config, state, logger, rank, device, dtype)
+    _finish(engine, config, state, logger, rank, device)
     logger.close()
     if not math.isfinite(last_metrics.get("loss", 0.0)):
         raise NonFiniteLossError("training ended with a non-finite loss")

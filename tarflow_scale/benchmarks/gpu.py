@@ -1,0 +1,194 @@
+"""`tarflow-bench gpu`: the figures docs/gpu.md tabulates for the paper's ImageNet64 model on one GPU, with
+synthetic data — bf16 training images/s and model FLOP utilisation, peak memory at micro-batch 32 with and without
+activation checkpointing, fp32+TF32 training images/s (the density recipe's policy), guided sampling images/s in
+fp32 and bf16, and exact bits/dim images/s.
+
+    tarflow-bench gpu                                  # imagenet64_uncond (patch 2, width 768, 8x8), on CUDA
+    tarflow-bench gpu --config tiny --device cpu --micro-batch 4 --sample-batch 4 --steps 1   # a CPU smoke run
+
+FLOPs are counted by torch's FlopCounterMode on one real training step (forward + backward; activation
+checkpointing's recomputation is not counted, as MFU conventionally excludes it). MFU divides the achieved model
+FLOP/s by the GPU's bf16 dense peak (--peak-tflops, or the datasheet value for a known GPU name); on CPU, or for an
+unknown GPU without --peak-tflops, by a bf16 matmul timed in this process, and the line says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+
+import torch
+
+from tarflow_scale.benchmarks.eval import PeakMemory
+from tarflow_scale.benchmarks.model import count_train_flops, measure_matmul_peak
+from tarflow_scale.config import ConfigError, TarFlowConfig, load_config
+from tarflow_scale.evaluation.bpd import batch_bits_per_dim
+from tarflow_scale.evaluation.generate import SampleSettings, generate
+from tarflow_scale.models.tarflow import TarFlow
+
+# Datasheet bf16 dense (no sparsity) tensor-core peaks, TFLOP/s, matched by substring of the device name.
+BF16_DENSE_PEAK_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.4,
+                          "A100": 312.0, "L40S": 362.05, "A10G": 70.0}  # fmt: skip
+
+
+def dense_peak(device: torch.device, override: float) -> tuple[float, str]:
+    """(FLOP/s, where the figure comes from)."""
+    if override:
+        return override * 1e12, f"--peak-tflops {override:g}"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in BF16_DENSE_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12, f"{key} bf16 dense datasheet peak {tflops:g} TFLOP/s"
+    return measure_matmul_peak(device, torch.bfloat16), "a bf16 matmul timed in this process (no datasheet peak)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(config: TarFlowConfig, device: torch.device, checkpointing: bool = False) -> TarFlow:
+    torch.manual_seed(0)
+    model = TarFlow(config)
+    with torch.no_grad():  # non-zero heads, so sampling does real work rather than the identity
+        for block in model.blocks:
+            block.proj_out.weight.normal_(0, 1e-3)
+    if checkpointing:
+        from tarflow_scale.training.trainer import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
+    return model.to(device)
+
+
+def bench_train(
+    config: TarFlowConfig, batch: int, steps: int, device: torch.device, precision: str, checkpointing: bool
+) -> dict[str, float]:
+    """One GPU, plain AdamW (ZeRO's partitioning does not change one GPU's compute): images/s, FLOPs per step,
+    peak memory (MiB) over the timed steps, under the trainer's precision policy."""
+    model = build(config, device, checkpointing)
+    model.set_trunk_dtype(torch.bfloat16 if precision == "bf16" else None)
+    tf32 = precision == "tf32"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    x = torch.rand(batch, config.in_channels, config.image_size, config.image_size, device=device) * 2 - 1
+    y = torch.randint(0, config.num_classes, (batch,), device=device) if config.num_classes else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    flops = count_train_flops(model, x, y)
+
+    def step() -> None:
+        loss = -model.log_prob(x, y).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    memory = PeakMemory(device)
+    step()  # warm-up (allocates the optimizer state)
+    memory.reset()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    return {"images_per_s": batch / seconds, "flops": flops, "flops_per_s": flops / seconds, "peak": memory.peak_mib()}
+
+
+def bench_sampling(model: TarFlow, batch: int, device: torch.device, precision: str) -> float:
+    """Guided sampling images/s (guidance 1: the conditional and guiding passes run as one batch of 2B).
+    bf16: the Transformer runs under bf16 autocast (the flow state and transforms stay fp32)."""
+    settings = SampleSettings(guidance=1.0, attn_temp=1.0 if model.config.num_classes else 1.5)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    with autocast:
+        generate(model, [0, 1], settings)  # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        generate(model, list(range(batch)), settings)
+        _sync(device)
+    return batch / (time.perf_counter() - start)
+
+
+def bench_bpd(model: TarFlow, batch: int, device: torch.device) -> float:
+    c = model.config
+    pixels = torch.randint(0, 256, (batch, c.in_channels, c.image_size, c.image_size), dtype=torch.uint8)
+    labels = (torch.arange(batch) % c.num_classes).to(device) if c.num_classes else None
+    keys = [f"bench{i:06d}" for i in range(batch)]
+    batch_bits_per_dim(model, pixels[:2].to(device), None if labels is None else labels[:2], keys[:2])
+    _sync(device)
+    start = time.perf_counter()
+    batch_bits_per_dim(model, pixels.to(device), labels, keys)
+    _sync(device)
+    return batch / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tarflow-bench gpu", description=__doc__)
+    parser.add_argument("--config", default="imagenet64_uncond", help="recipe (default: the paper's ImageNet64 model)")
+    parser.add_argument("--micro-batch", type=int, default=32, help="training images per step")
+    parser.add_argument("--sample-batch", type=int, default=256, help="guided sampling batch")
+    parser.add_argument("--bpd-batch", type=int, default=256, help="bits/dim batch")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps per setting")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 dense peak of this GPU, TFLOP/s")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--only", default="train,memory,tf32,sample,bpd", help="comma-separated parts: train,memory,tf32,sample,bpd"
+    )
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"tarflow-bench gpu: config error: {e}", file=sys.stderr)
+        return 2
+    parts = set(args.only.split(","))
+    device = torch.device(args.device)
+    c = config.model
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    params = sum(p.numel() for p in TarFlow(c).parameters())
+    print(f"device: {device} ({name}), torch {torch.__version__}; synthetic data")
+    print(
+        f"model ({args.config}): {params / 1e6:.1f}M params, {c.image_size}px patch {c.patch_size} ({c.num_tokens} "
+        f"tokens x {c.token_dim}), width {c.channels}, {c.num_blocks}x{c.layers_per_block} layers"
+    )
+    mib = "MiB (GPU allocator peak)" if device.type == "cuda" else "MiB (process peak RSS)"
+    rows: list[tuple[str, str]] = []
+
+    def row(label: str, value: str) -> None:
+        rows.append((label, value))
+        print(f"{label:<68} {value}", flush=True)
+
+    b = args.micro_batch
+    if "train" in parts:
+        peak, source = dense_peak(device, args.peak_tflops)
+        r = bench_train(c, b, args.steps, device, "bf16", checkpointing=False)
+        row(f"bf16 training, micro-batch {b}", f"{r['images_per_s']:.1f} images/s")
+        row(
+            "bf16 MFU (counted FLOPs / bf16 dense peak)",
+            f"{100 * r['flops_per_s'] / peak:.1f}% ({r['flops'] / b / 1e9:.1f} GFLOP/image; peak: {source})",
+        )
+        if "memory" in parts:
+            row(f"peak memory, bf16, micro-batch {b}, no activation checkpointing", f"{r['peak']:.0f} {mib}")
+    if "memory" in parts:
+        r = bench_train(c, b, max(1, args.steps // 5), device, "bf16", checkpointing=True)
+        row(f"peak memory, bf16, micro-batch {b}, activation checkpointing", f"{r['peak']:.0f} {mib}")
+        row(f"bf16 training with activation checkpointing, micro-batch {b}", f"{r['images_per_s']:.1f} images/s")
+    if "tf32" in parts:
+        label = "fp32+TF32" if device.type == "cuda" else "fp32 (no TF32 on CPU)"
+        r = bench_train(c, b, args.steps, device, "tf32", checkpointing=False)
+        row(f"{label} training (density recipe policy), micro-batch {b}", f"{r['images_per_s']:.1f} images/s")
+    if "sample" in parts or "bpd" in parts:
+        model = build(c, device).eval()
+        if "sample" in parts:
+            for precision in ("fp32", "bf16"):
+                rate = bench_sampling(model, args.sample_batch, device, precision)
+                row(f"guided sampling, batch {args.sample_batch}, {precision}", f"{rate:.2f} images/s")
+        if "bpd" in parts:
+            row(f"bits/dim (fp32), batch {args.bpd_batch}", f"{bench_bpd(model, args.bpd_batch, device):.1f} images/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
