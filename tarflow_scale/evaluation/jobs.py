@@ -20,6 +20,8 @@ import ray
 import torch
 from ray.util import ActorPool
 
+from .. import atomic
+from ..atomic import atomic_path
 from ..checkpoint import load_model
 from ..config import ConfigError, RunConfig, TarFlowConfig, from_dict, to_dict
 from ..data import DataError, make_eval_loader, read_manifest, resolve_data_path
@@ -210,7 +212,8 @@ def _write_pngs(pixels: torch.Tensor, indices: list[int], folder: str) -> None:
     os.makedirs(folder, exist_ok=True)
     for image, index in zip(pixels, indices):
         array = image.permute(1, 2, 0).numpy()
-        Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(os.path.join(folder, f"{index:06d}.png"))
+        with atomic_path(os.path.join(folder, f"{index:06d}.png"), suffix=".png") as tmp:
+            Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(tmp)
 
 
 class WorkerPool:
@@ -339,7 +342,8 @@ def run_sampling(
             "step": e.denoise_step,
             "rms_change": float((denoised - images).pow(2).mean().sqrt()),  # in the [-1, 1] pixel scale
         }
-    np.savez(out_dir / "samples.npz", **arrays)
+    with atomic_path(out_dir / "samples.npz", suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
     result["files"] = {**files, "arrays": str(out_dir / "samples.npz")}
     return result
 
@@ -546,4 +550,4 @@ def _write_per_image(per_image: dict[str, dict[str, float]], path: Path) -> None
     names = sorted({n for row in per_image.values() for n in row})
     lines = ["key," + ",".join(names)]
     lines += [key + "," + ",".join(repr(per_image[key][n]) for n in names) for key in sorted(per_image)]
-    path.write_text("\n".join(lines) + "\n")
+    atomic.write_text(path, "\n".join(lines) + "\n")
