@@ -232,3 +232,76 @@ def test_activation_checkpointing_and_ema(ray_cluster, dataset, tmp_path):
     assert raw.keys() == averaged.keys(), "checkpoint-wrapper prefixes must not leak into exports"
     assert any(not torch.equal(raw[k], averaged[k]) for k in raw), "EMA weights should lag the raw weights"
     assert load_model(ema).config.num_classes == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reliability (docs/reliability.md): stop on SIGINT, damaged Ray snapshot, partial checkpoints, config changes
+
+
+def test_sigint_stops_at_a_step_boundary_with_a_final_checkpoint_and_resumes_exactly(zero2_run, dataset, tmp_path):
+    """Ctrl-C on the driver: the workers agree on a step, write a complete checkpoint there and return; the next
+    run and the export take that checkpoint, and the resumed losses equal the uninterrupted run's (the data
+    stream is replayed from its boundary even when the stop falls between checkpoint_every steps)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from tarflow_scale.training.cluster import launch
+    from tarflow_scale.training.run_state import STOP_FILE, RunStopped
+
+    run_dir = tmp_path / "sigint"
+
+    def interrupt_after_first_step():
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(r.get("step", 0) >= 1 for r in read_metrics(run_dir)):
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_after_first_step, daemon=True).start()
+    with pytest.raises(RunStopped) as stopped:
+        launch(run_config(dataset, run_dir))
+    step = stopped.value.step
+    assert 1 <= step < NUM_STEPS, f"stop must come at a step boundary before the end, got {step}"
+    final = run_dir / f"checkpoint_{step:08d}"
+    assert stopped.value.checkpoint == final and latest_checkpoint(run_dir) == final
+    assert signal.getsignal(signal.SIGINT) is not None and not (run_dir / STOP_FILE).exists()
+    assert max(step_losses(run_dir)) == step, "no step may run past the stop"
+
+    launch(run_config(dataset, run_dir))  # the same command resumes from the stop checkpoint
+    expected = step_losses(zero2_run)
+    losses = step_losses(run_dir)
+    assert sorted(losses) == list(range(1, NUM_STEPS + 1))
+    for k, loss in losses.items():
+        assert loss == expected[k], (k, loss, expected[k], f"stopped at {step}")
+
+
+def test_damaged_snapshot_and_partial_checkpoint_resume_from_newest_complete(zero2_run, dataset, tmp_path):
+    """The full-disk aftermath: Ray's snapshot at 0 bytes and a checkpoint folder with `latest` but no marker.
+    The re-run warns, resumes from the newest complete checkpoint, and export agrees; extending num_steps is a
+    safe change that is allowed and recorded, while changing optim.lr is refused before any worker starts."""
+    import shutil
+
+    from tarflow_scale.checkpoint import IncompleteCheckpointWarning
+    from tarflow_scale.config import ConfigError
+    from tarflow_scale.training.cluster import launch
+    from tarflow_scale.training.run_state import RAY_SNAPSHOT
+
+    run_dir = tmp_path / "full_disk"
+    shutil.copytree(zero2_run, run_dir)
+    (run_dir / RAY_SNAPSHOT).write_text("")
+    partial = run_dir / "checkpoint_00000009"
+    shutil.copytree(run_dir / "checkpoint_00000006", partial)
+    (partial / "complete.json").unlink()  # the save never finished
+    with pytest.raises(ConfigError, match=r"optim.lr: 0.003 -> 0.001"):
+        launch(run_config(dataset, run_dir, f"train.num_steps={NUM_STEPS + 1}", "optim.lr=1e-3"))
+    assert load_config(run_dir / "config.yaml").train.num_steps == NUM_STEPS, "config.yaml must be untouched"
+
+    with pytest.warns(IncompleteCheckpointWarning, match="checkpoint_00000009"):
+        launch(run_config(dataset, run_dir, f"train.num_steps={NUM_STEPS + 1}"))
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    assert steps.count(NUM_STEPS + 1) == 1 and steps.count(NUM_STEPS) == 1, "resumed from step 6, not from 0 or 9"
+    with pytest.warns(IncompleteCheckpointWarning, match="checkpoint_00000009"):
+        assert latest_checkpoint(run_dir).name == f"checkpoint_{NUM_STEPS + 1:08d}"
+    assert list(run_dir.glob(f"{RAY_SNAPSHOT}.damaged-*")), "the damaged snapshot is kept aside for inspection"
+    assert len(list((run_dir / "config_history").glob("*.yaml"))) == 2  # the original run and this resume

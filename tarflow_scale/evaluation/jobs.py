@@ -24,7 +24,7 @@ from .. import atomic
 from ..atomic import atomic_path
 from ..checkpoint import load_model
 from ..config import ConfigError, RunConfig, TarFlowConfig, from_dict, to_dict
-from ..data import DataError, make_eval_loader, read_manifest, resolve_data_path
+from ..data import DataError, check_shard_sizes, make_eval_loader, read_manifest, resolve_data_path
 from ..models.tarflow import TarFlow
 from ..sampling import save_grid, to_uint8
 from . import fid as fidlib
@@ -418,6 +418,7 @@ def run_fid(
 
 def _check_data(config: RunConfig, split: str):
     manifest = read_manifest(config.data.path, split)
+    check_shard_sizes(config.data.path, manifest)  # cheap; `tarflow-data verify` is the full check
     m, size = config.model, config.data.image_size or manifest.image_size
     if size != m.image_size or manifest.channels != m.in_channels:
         raise ConfigError(

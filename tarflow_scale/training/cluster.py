@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..config import ConfigError, RunConfig, to_dict
-from ..data import read_manifest, resolve_data_path
+from ..data import check_shard_sizes, read_manifest, resolve_data_path
 
 DEFAULT_EXTENSIONS_DIR = Path.home() / ".cache" / "tarflow_scale" / "torch_extensions"
 
@@ -14,6 +14,7 @@ DEFAULT_EXTENSIONS_DIR = Path.home() / ".cache" / "tarflow_scale" / "torch_exten
 def check_data_matches_model(config: RunConfig) -> None:
     """Fail before any worker starts when the shards cannot feed this model."""
     manifest = read_manifest(config.data.path, config.data.train_split)
+    check_shard_sizes(config.data.path, manifest)  # cheap; `tarflow-data verify` is the full check
     model = config.model
     size = config.data.image_size or manifest.image_size  # the loader can downsample, never upsample
     if size != model.image_size or size > manifest.image_size or manifest.channels != model.in_channels:
