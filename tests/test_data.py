@@ -536,7 +536,7 @@ def test_16_bit_pngs_convert_to_their_8_bit_values(tmp_path):
     assert Image.open(src / "ramp.png").mode.startswith("I")  # really a 16-bit file
     out = str(tmp_path / "out")
     write_split(out, FolderSource(str(src.parent), TINY_SIZE), name="g", split="s", progress=False)
-    (image, _), = read_shards(out, "s").values()
+    ((image, _),) = read_shards(out, "s").values()
     expected = np.floor(values / 65535 * 255 + 0.5)  # independent of the converter's arithmetic
     assert np.abs(image.astype(int) - expected[:, :, None]).max() <= 1
     assert image.min() == 0 and image.max() == 255
