@@ -92,7 +92,7 @@ def test_project_writers_go_through_atomic_paths():
         for number, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#")[0]
             if any(w in code for w in (".write_text(", "np.savez(", "save_image(", "save_file(", ".save(")):
-                if not any(ok in code for ok in ("tmp", "marker", "atomic.", "buffer")):  # buffer: in memory
+                if not any(ok in code for ok in ("tmp", "marker", "atomic.", "buffer", "store.")):  # buffer: memory
                     offenders.append(f"{path.relative_to(package)}:{number}: {line.strip()}")
     assert not offenders, offenders
 
@@ -184,3 +184,49 @@ def test_good_ray_snapshot_is_kept(tmp_path):
     (tmp_path / RAY_SNAPSHOT).write_text(json.dumps({"latest": {"checkpoint_dir_name": "checkpoint_00000010"}}))
     assert repair_ray_snapshot(tmp_path) is None
     assert (tmp_path / RAY_SNAPSHOT).exists()
+
+
+# -- item 10: errors that will repeat are raised at once; only process and node deaths are retried
+def test_repeatable_errors_are_raised_without_retry():
+    from ray.exceptions import ActorDiedError
+    from ray.train import FailureConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from tarflow_scale.data import DataError
+    from tarflow_scale.training.failures import RepeatableErrorPolicy
+    from tarflow_scale.training.trainer import NonFiniteLossError
+
+    # The private hooks ReliableTorchTrainer overrides (Ray 2.60 has no public one): fail loudly if they move.
+    assert callable(TorchTrainer._initialize_and_run_controller) and callable(TorchTrainer._register_sigint_handler)
+    policy = RepeatableErrorPolicy(FailureConfig(max_failures=5))
+    for error in (ConfigError("k"), DataError("shard"), CheckpointError("c"), NonFiniteLossError("nan")):
+        decision = policy.make_decision(WorkerGroupError("x", {1: error, 0: RuntimeError("collateral")}))
+        assert decision == FailureDecision.RAISE, type(error)
+    assert policy.make_decision(WorkerGroupError("x", {0: ActorDiedError()})) == FailureDecision.RETRY
+    assert policy.make_decision(WorkerGroupError("x", {0: RuntimeError("gloo")})) == FailureDecision.RETRY
+
+
+# -- item 10: driver-side errors are one line naming the path, exit code 2, before Ray starts
+def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys):
+    import numpy as np
+
+    from tarflow_scale.cli.train import main
+    from tarflow_scale.data import write_split
+    from tarflow_scale.data.sources import ArraySource
+
+    tiny = ["model.image_size=8", "model.patch_size=2", "model.channels=32", "model.head_dim=16"]
+    assert main([f"data.path={tmp_path / 'nowhere'}", f"run_dir={tmp_path / 'run'}", *tiny]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nowhere/train.json: no manifest" in err
+
+    images = np.zeros((4, 8, 8, 3), np.uint8)
+    write_split(str(tmp_path / "d"), ArraySource(images, np.zeros(4, int), list("abcd"), 0, [], {}), name="t",
+                split="train", progress=False)  # fmt: skip
+    (tmp_path / "file").write_text("")
+    assert main([f"data.path={tmp_path / 'd'}", f"run_dir={tmp_path / 'file' / 'run'}", *tiny]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "file/run is not writable" in err
+    assert main([f"data.path={tmp_path / 'd'}", "train.log_every=0", *tiny]) == 2
+    assert "train.log_every=0 must be >= 1" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from ray.train.torch import TorchTrainer
@@ -65,9 +66,10 @@ class ReliableTorchTrainer(TorchTrainer):
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             return super()._initialize_and_run_controller(**controller_init_kwargs)
-        finally:  # restore the caller's handlers (pytest's, an interactive shell's)
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+        finally:  # restore the caller's handlers (pytest's, an interactive shell's); Ray sets none off the main thread
+            if threading.current_thread() is threading.main_thread():
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
 
     def _register_sigint_handler(self, controller) -> None:
         def handler(signum, frame):
