@@ -230,3 +230,11 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "file/run is not writable" in err
     assert main([f"data.path={tmp_path / 'd'}", "train.log_every=0", *tiny]) == 2
     assert "train.log_every=0 must be >= 1" in capsys.readouterr().err
+
+
+def test_a_torn_metrics_line_is_skipped(tmp_path):
+    """metrics.jsonl is the one append-only file: a kill or full disk mid-line must not break resume or reading."""
+    from tarflow_scale.training.metrics import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n\n{"step": 2, "lo')
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}]

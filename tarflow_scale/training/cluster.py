@@ -108,10 +108,12 @@ def launch(config: RunConfig, address: str | None = None, allow_config_change: t
             raise cause from None
         raise
     if stop_requested(run_dir):
+        from ..checkpoint import checkpoint_step
+
         clear_stop(run_dir)
         done = complete_checkpoints(run_dir)
         last = done[-1] if done else None
-        from ..checkpoint import checkpoint_step
-
-        raise RunStopped(checkpoint_step(last) if last else 0, last)
+        step = checkpoint_step(last) if last else 0
+        if step < config.train.num_steps:  # a signal during the last step changes nothing: the run finished
+            raise RunStopped(step, last)
     return result

@@ -71,8 +71,16 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl, in file order (a resumed run re-logs the steps it redid)."""
+    """All records of a run's metrics.jsonl, in file order (a resumed run re-logs the steps it redid).
+
+    The log is append-only, not rewritten atomically: a line torn by a kill or a full disk is skipped."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
