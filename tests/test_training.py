@@ -184,7 +184,6 @@ def test_rerunning_a_failed_run_resumes_where_it_stopped(zero2_run, dataset, tmp
 
 def test_nonfinite_losses_stop_the_run_with_a_clear_error(ray_cluster, dataset, tmp_path):
     from tarflow_scale.training.cluster import launch
-
     from tarflow_scale.training.trainer import NonFiniteLossError
 
     run_dir = tmp_path / "nan"

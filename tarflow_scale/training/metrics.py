@@ -65,6 +65,14 @@ class MetricsLogger:
         pace = f"{rate:.2f} step/s | eta {format_duration(eta)}" if math.isfinite(rate) else "eta ?"
         emit(f"step {step}/{self.total_steps} | {shown} | {pace}")
 
+    def note(self, step: int, record: dict[str, Any]) -> None:
+        """An event (not a metric) in metrics.jsonl, e.g. where a run segment resumed; no rate, no TensorBoard."""
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **record}) + "\n")
+        emit(f"step {step}/{self.total_steps} | " + " | ".join(f"{k} {v}" for k, v in record.items()))
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

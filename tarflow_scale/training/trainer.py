@@ -224,7 +224,7 @@ def _save_checkpoint(engine, config: RunConfig, state: LoopState, metrics: dict,
     return stored
 
 
-def _resume(engine, config: RunConfig, ema: EMA | None, world: int) -> LoopState:
+def _resume(engine, config: RunConfig, ema: EMA | None, world: int) -> tuple[LoopState, Path | None]:
     """Continue from the newest complete checkpoint of run_dir (after a failure, or a re-run of the same command:
     the one export and evaluation would pick too), or from `train.resume_from`; fresh state otherwise.
 
@@ -246,7 +246,7 @@ def _resume(engine, config: RunConfig, ema: EMA | None, world: int) -> LoopState
         if ray.train.get_checkpoint() is not None:
             emit(f"Ray reported a checkpoint, but {run_dir} holds no complete one: starting from step 0")
     if checkpoint is None:
-        return LoopState()
+        return LoopState(), None
     with checkpoint.as_directory() as directory:
         saved = read_run_config(directory)
         if saved.cluster.num_workers != world:
@@ -263,12 +263,13 @@ def _resume(engine, config: RunConfig, ema: EMA | None, world: int) -> LoopState
 
             ema.shadow = load_file(str(Path(directory) / EMA_FILE))
     step = client_state["step"]
-    return LoopState(
+    state = LoopState(
         step=step,
         nonfinite_total=client_state.get("nonfinite_total", 0),
         data_start=client_state.get("data_start", step),  # older checkpoints: always taken at a boundary
         batches_drawn=client_state.get("batches_drawn", 0),
     )
+    return state, Path(checkpoint.path)
 
 
 def train_worker(config_dict: dict) -> None:
@@ -299,8 +300,10 @@ def train_worker(config_dict: dict) -> None:
         engine.compile()
     dtype = torch.bfloat16 if resolve_precision(config) == "bf16" else torch.float32
     ema = EMA(engine.module, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
-    state = _resume(engine, config, ema, world)
+    state, resumed_from = _resume(engine, config, ema, world)
     logger = MetricsLogger(config.run_dir, train.num_steps, enabled=rank == 0)
+    if resumed_from is not None:  # every segment and every restart after a failure leaves a trace in the log
+        logger.note(state.step, {"resumed_from": str(resumed_from)})
     stats = DataStats()
     num_dims = config.model.num_dims
     conditional = config.model.num_classes > 0
