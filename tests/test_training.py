@@ -256,13 +256,17 @@ def test_sigint_stops_at_a_step_boundary_with_a_final_checkpoint_and_resumes_exa
 
     run_dir = tmp_path / "sigint"
 
-    def interrupt_after_first_step():
+    def interrupt_once_the_handler_is_installed():
+        # Ray's blocking wait runs Python signal handlers only every so often, so a Ctrl-C at step 1 of a run this
+        # small could land after the last step: send it while the worker group is still starting instead.
         deadline = time.time() + 120
-        while time.time() < deadline and not any(r.get("step", 0) >= 1 for r in read_metrics(run_dir)):
-            time.sleep(0.02)
+        while time.time() < deadline and "ReliableTorchTrainer" not in getattr(
+            signal.getsignal(signal.SIGINT), "__qualname__", ""
+        ):
+            time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGINT)
 
-    threading.Thread(target=interrupt_after_first_step, daemon=True).start()
+    threading.Thread(target=interrupt_once_the_handler_is_installed, daemon=True).start()
     with pytest.raises(RunStopped) as stopped:
         launch(run_config(dataset, run_dir))
     step = stopped.value.step
