@@ -234,8 +234,9 @@ def _resume(engine, config: RunConfig, ema: EMA | None, world: int) -> tuple[Loo
     from ray.train import Checkpoint
 
     run_dir = Path(config.run_dir)
-    own = complete_checkpoints(run_dir, warn=ray.train.get_context().get_world_rank() == 0)
-    if own:
+    if "://" in config.run_dir:  # remote storage (s3://, gs://): no local markers; Ray's committed record counts
+        checkpoint = ray.train.get_checkpoint()
+    elif own := complete_checkpoints(run_dir, warn=ray.train.get_context().get_world_rank() == 0):
         checkpoint = Checkpoint.from_directory(str(own[-1]))
     elif config.train.resume_from:
         if not Path(config.train.resume_from).is_dir():
