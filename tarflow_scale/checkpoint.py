@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import warnings
 from pathlib import Path
 
 import torch
 import yaml
 
+from . import atomic
 from .config import RunConfig, TarFlowConfig, from_dict, to_dict
 from .models.tarflow import TarFlow
 from .weights import (
@@ -32,8 +35,70 @@ __all__ = ["EXPORT_FORMAT", "CheckpointError"]  # re-exported: defined beside th
 CONFIG_FILE = "config.yaml"  # the resolved run config, written into every checkpoint folder
 EXPORT_NAME = "model.safetensors"  # the slim export the trainer writes into run_dir at the end
 EMA_FILE = "ema.safetensors"  # EMA weights (when optim.ema_decay > 0), beside the engine state
+# Written last into a checkpoint folder, once every rank's files are stored: the list of files with their sizes.
+# A folder without it (or whose files do not match it) is incomplete: a crash, a full disk or a kill mid-save.
+COMPLETE_FILE = "complete.json"
+_CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)$")
 # Wrappers that prefix parameter names: activation checkpointing and torch.compile.
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+class IncompleteCheckpointWarning(UserWarning):
+    """A `checkpoint_*` folder was skipped because it is incomplete."""
+
+
+def write_complete_marker(checkpoint_dir: str | Path, step: int, world_size: int) -> Path:
+    """Seal a checkpoint folder: list every file with its size in COMPLETE_FILE (written last, atomically)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    files = {
+        p.relative_to(checkpoint_dir).as_posix(): p.stat().st_size
+        for p in sorted(checkpoint_dir.rglob("*"))
+        if p.is_file() and p.name != COMPLETE_FILE and not p.name.startswith(".")
+    }
+    record = {"step": step, "world_size": world_size, "files": files}
+    return atomic.write_text(checkpoint_dir / COMPLETE_FILE, json.dumps(record, indent=1) + "\n")
+
+
+def incomplete_reason(checkpoint_dir: str | Path) -> str | None:
+    """None when `checkpoint_dir` is a complete checkpoint; else why not, in a few words."""
+    checkpoint_dir = Path(checkpoint_dir)
+    marker = checkpoint_dir / COMPLETE_FILE
+    if not marker.is_file():
+        return f"no {COMPLETE_FILE} (the save never finished)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"unreadable {COMPLETE_FILE}: {e}"
+    for name in (CONFIG_FILE, "latest"):
+        if name not in files:
+            return f"{name} missing"
+    for name, size in files.items():
+        path = checkpoint_dir / name
+        if not path.is_file():
+            return f"{name} missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} expected"
+    return None
+
+
+def checkpoint_step(checkpoint_dir: str | Path) -> int:
+    match = _CHECKPOINT_NAME.search(Path(checkpoint_dir).name)
+    return int(match.group(1)) if match else -1
+
+
+def complete_checkpoints(run_dir: str | Path, warn: bool = True) -> list[Path]:
+    """The complete `checkpoint_*` folders of a run directory, oldest first; each incomplete one is skipped with
+    an IncompleteCheckpointWarning naming it. Resume, export and evaluation all choose from this list."""
+    found = []
+    for path in sorted(Path(run_dir).glob("checkpoint_*"), key=checkpoint_step):
+        if not path.is_dir() or checkpoint_step(path) < 0:
+            continue
+        reason = incomplete_reason(path)
+        if reason is None:
+            found.append(path)
+        elif warn:
+            warnings.warn(f"skipping incomplete checkpoint {path}: {reason}", IncompleteCheckpointWarning, 2)
+    return found
 
 
 def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -57,11 +122,14 @@ def latest_checkpoint(run_or_checkpoint_dir: str | Path) -> Path:
     path = Path(run_or_checkpoint_dir)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    if (path / CONFIG_FILE).is_file() and (path / "latest").is_file():
+    if (path / "latest").is_file() or (path / COMPLETE_FILE).is_file():  # a checkpoint folder itself
+        reason = incomplete_reason(path)
+        if reason is not None:
+            raise CheckpointError(f"checkpoint {path} is incomplete: {reason}")
         return path
-    candidates = sorted(p for p in path.glob("checkpoint_*") if (p / "latest").is_file())
+    candidates = complete_checkpoints(path)
     if not candidates:
-        raise CheckpointError(f"{path} holds no complete checkpoint (no checkpoint_*/latest)")
+        raise CheckpointError(f"{path} holds no complete checkpoint (no checkpoint_* folder with {COMPLETE_FILE})")
     return candidates[-1]
 
 
@@ -125,14 +193,8 @@ def save_export(
         **(extra or {}),
     }
     out_path = write_weights(out_path, state, metadata)
-    _write_text_atomic(out_path.with_suffix(".json"), json.dumps(to_dict(run_config.model), indent=2) + "\n")
+    atomic.write_text(out_path.with_suffix(".json"), json.dumps(to_dict(run_config.model), indent=2) + "\n")
     return out_path
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.partial")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> TarFlow:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,23 @@ import yaml
 
 class ConfigError(ValueError):
     """A config file, key or value is wrong; the message names the file and/or dotted key."""
+
+
+def _check_at_least(section: Any, prefix: str, minimum: float, *names: str) -> None:
+    """Each named field is a finite number >= minimum; else a ConfigError naming `prefix.name`."""
+    for name in names:
+        value = getattr(section, name)
+        if not math.isfinite(value) or value < minimum:
+            raise ConfigError(f"{prefix}.{name}={value} must be >= {minimum:g}")
+
+
+def _check_no_nan(section: Any, prefix: str) -> None:
+    """NaN passes every `<`/`>` comparison as False, so range checks alone let it through: refuse it here."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        values = value if isinstance(value, (tuple, list)) else [value]
+        if any(isinstance(v, float) and math.isnan(v) for v in values):
+            raise ConfigError(f"{prefix}.{f.name}={value} is not a number")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -71,6 +89,8 @@ class TarFlowConfig:
         return self.in_channels * self.image_size**2
 
     def validate(self) -> None:
+        _check_no_nan(self, "model")
+        _check_at_least(self, "model", 1, "image_size", "patch_size")  # before the divisions below
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"model.image_size={self.image_size} is not divisible by model.patch_size={self.patch_size}"
@@ -88,6 +108,9 @@ class TarFlowConfig:
             raise ConfigError("model.transform=affine_vp keeps volume, so it needs model.prior=learned")
         if self.mixer_factors < 1:
             raise ConfigError("model.mixer_factors must be >= 1")
+        _check_at_least(self, "model", 1, "num_components")
+        if not self.mlp_ratio > 0 or not self.spline_bound > 0:
+            raise ConfigError("model.mlp_ratio and model.spline_bound must be > 0")
 
 
 @dataclass
@@ -117,6 +140,7 @@ class DataConfig:
     max_corrupt_in_a_row: int = 100
 
     def validate(self) -> None:
+        _check_no_nan(self, "data")
         if self.noise == "gaussian" and self.noise_std <= 0:
             raise ConfigError("data.noise_std must be > 0 with data.noise=gaussian")
         if self.num_workers < 0:
@@ -142,8 +166,12 @@ class OptimConfig:
     ema_decay: float = 0.0  # 0: no EMA (as in the paper)
 
     def validate(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError("optim.lr must be > 0")
+        _check_no_nan(self, "optim")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"optim.lr={self.lr} must be a finite number > 0")
+        _check_at_least(self, "optim", 0, "min_lr", "weight_decay", "warmup_steps", "grad_clip")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)} must each be in [0, 1)")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError("optim.ema_decay must be in [0, 1)")
 
@@ -187,6 +215,8 @@ class ClusterConfig:
     def validate(self) -> None:
         if self.num_workers < 1:
             raise ConfigError("cluster.num_workers must be >= 1 (DeepSpeed needs a process group)")
+        _check_at_least(self, "cluster", 1, "cpus_per_worker")
+        _check_at_least(self, "cluster", -1, "max_failures")  # -1: retry without limit (Ray's convention)
 
 
 @dataclass
@@ -215,16 +245,15 @@ class TrainConfig:
     fault_at_step: int = 0  # chaos testing: the last rank kills its own process once at this step (0: never)
 
     def validate(self) -> None:
-        if self.num_steps < 1:
-            raise ConfigError("train.num_steps must be >= 1")
+        _check_no_nan(self, "train")
+        _check_at_least(self, "train", 1, "num_steps", "global_batch_size", "log_every")
+        _check_at_least(self, "train", 1, "checkpoint_every", "keep_checkpoints", "num_samples")
+        _check_at_least(self, "train", 1, "max_nonfinite_in_a_row")
+        _check_at_least(self, "train", 0, "sample_every", "fault_at_step")
+        # 0 means derived for these three (see RunConfig.micro_batch_size).
+        _check_at_least(self, "train", 0, "micro_batch_size", "grad_accum_steps", "max_micro_batch_size")
         if not 0 <= self.label_dropout < 1:
             raise ConfigError("train.label_dropout must be in [0, 1)")
-        for name in ("global_batch_size",):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1")
-        for name in ("micro_batch_size", "grad_accum_steps", "max_micro_batch_size"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be >= 0 (0: derived)")
 
 
 @dataclass
@@ -270,6 +299,7 @@ class EvalConfig:
     progress_every_s: float = 10.0  # seconds between progress lines on the driver
 
     def validate(self) -> None:
+        _check_no_nan(self, "eval")
         if not self.jobs:
             raise ConfigError("eval.jobs is empty (choose from bpd, sample, denoise, fid_stats, fid)")
         for name in ("batch_size", "num_samples", "bpd_draws"):
@@ -553,20 +583,28 @@ def read_yaml_mapping(path: str | Path) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = RunConfig) -> Any:
     """Defaults, then the YAML file at `path`, then dotted `overrides`; validated."""
-    tree = read_yaml_mapping(path) if path is not None else {}
-    tree = _merge(tree, parse_overrides(overrides or []))
+    file_tree = read_yaml_mapping(path) if path is not None else {}
+    override_tree = parse_overrides(overrides or [])
+    # Check each source on its own first, so an error names where the bad key came from.
     try:
-        config = from_dict(cls, tree)
+        from_dict(cls, override_tree)
     except ConfigError as e:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{e}") from None
+        raise ConfigError(f"command-line override: {e}") from None
+    try:
+        from_dict(cls, file_tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    config = from_dict(cls, _merge(file_tree, override_tree))
     if hasattr(config, "validate"):
         config.validate()
     return config
 
 
 def dump_config(config: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    """Write the resolved config as YAML, atomically (a reader never sees half a config)."""
+    from . import atomic
+
+    atomic.write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def model_config_from_dict(data: dict) -> TarFlowConfig:

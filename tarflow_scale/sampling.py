@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .atomic import atomic_path
 from .models.tarflow import TarFlow
 
 # Large odd multiplier so (seed, index) pairs map to well-separated generator seeds.
@@ -50,5 +51,6 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     nrow = nrow or max(1, int(len(images) ** 0.5))
-    save_image(images.float().clamp(-1, 1), path, nrow=nrow, normalize=True, value_range=(-1, 1))
+    with atomic_path(path, suffix=".png") as tmp:  # save_image picks the format from the suffix
+        save_image(images.float().clamp(-1, 1), tmp, nrow=nrow, normalize=True, value_range=(-1, 1))
     return path

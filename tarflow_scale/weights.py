@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from . import atomic
 from .config import TarFlowConfig, model_config_from_dict
 
 EXPORT_FORMAT = "tarflow_scale/1"
@@ -47,10 +47,8 @@ def write_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: di
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
     metadata = {**metadata, CHECKSUM_KEY: weights_sha256(tensors)}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)  # never a half-written file under the final name
+    with atomic.atomic_path(path) as tmp:  # never a half-written file under the final name
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

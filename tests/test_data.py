@@ -469,3 +469,110 @@ def test_bundled_concurrent_first_use(tmp_path):
     for split in ("train", "val"):
         assert verify(str(tmp_path / "b"), read_manifest(str(tmp_path / "b"), split), deep=True) == []
     assert not [f for f in os.listdir(tmp_path / "b") if f.endswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reliability (docs/reliability.md, issue 13 items 5-8)
+
+
+def test_garbage_inside_a_tar_is_counted_against_the_manifest(tiny_shards):
+    """Random bytes over a member header end Python's tar reader silently: the shortfall must be counted."""
+    m = read_manifest(tiny_shards, "train")
+    shard = os.path.join(tiny_shards, m.shards[0])
+    with tarfile.open(shard) as tar:
+        offset = [member.offset for member in tar][4]  # the header of sample 3's first member
+    data = bytearray(open(shard, "rb").read())
+    data[offset : offset + 512] = np.random.default_rng(0).integers(0, 256, 512, dtype=np.uint8).tobytes()
+    open(shard, "wb").write(bytes(data))
+    yielded = sum(1 for _ in wds.tarfile_samples([{"url": shard}]))  # the silent truncation, reproduced
+    assert yielded < m.samples_per_shard[0]
+
+    only_first = DataConfig(path=tiny_shards, num_workers=0, shuffle_buffer=0, hflip=False)
+    m.shards, m.samples_per_shard = m.shards[:1], m.samples_per_shard[:1]
+    from tarflow_scale.data import loader as loader_module
+
+    stream = loader_module._TrainStream(only_first, [shard], m, 1, (0, 0, 0, 1))
+    stats = DataStats()
+    batches = iter(loader_module.TrainLoader(stream, 0, stats, m))
+    for _ in range(yielded + 1):  # one full pass over the shard, and the first sample of the next
+        next(batches)
+    assert stats.skipped == m.samples_per_shard[0] - yielded
+    assert f"yielded {yielded} of its {m.samples_per_shard[0]} samples" in stats.last_error
+    assert m.shards[0] in stats.last_error
+
+
+def _set_label(key, label):
+    def change(sample):
+        if sample["__key__"] == key:
+            sample["cls"] = str(label).encode()
+        return sample
+
+    return change
+
+
+@pytest.mark.parametrize("label", [-1, TINY_CLASSES, 99])
+def test_out_of_range_labels_are_data_errors_naming_shard_and_key(tiny_shards, label):
+    """Training skips and counts them (like any corrupt sample); evaluation stops naming shard and key."""
+    for split in ("train", "val"):
+        m = read_manifest(tiny_shards, split)
+        rewrite_shard(os.path.join(tiny_shards, m.shards[0]), _set_label("train_data_batch_1-0000001", label))
+    stats = DataStats()
+    cfg = DataConfig(path=tiny_shards, num_workers=0, shuffle_buffer=0)
+    loader = iter(make_train_loader(cfg, 4, rank=0, world_size=1, seed=0, stats=stats))
+    seen = torch.cat([next(loader)[1] for _ in range(30)])
+    assert seen.min() >= 0 and seen.max() < TINY_CLASSES
+    assert stats.skipped >= 1 and f"has label {label}, outside [0, {TINY_CLASSES})" in stats.last_error
+    assert "train_data_batch_1-0000001" in stats.last_error
+    with pytest.raises(DataError, match=rf"tiny-val-000000.tar: sample 'train_data_batch_1-0000001' has label {label}"):
+        eval_keys(DataConfig(path=tiny_shards, num_workers=0), 1)
+
+
+def test_16_bit_pngs_convert_to_their_8_bit_values(tmp_path):
+    """PIL's convert("RGB") clips 16-bit grayscale at 255; the converter must map 65535 -> 255 instead."""
+    src = tmp_path / "folder" / "gray16"
+    src.mkdir(parents=True)
+    values = np.linspace(0, 65535, TINY_SIZE * TINY_SIZE).reshape(TINY_SIZE, TINY_SIZE).astype(np.uint16)
+    Image.fromarray(values).save(src / "ramp.png")
+    assert Image.open(src / "ramp.png").mode.startswith("I")  # really a 16-bit file
+    out = str(tmp_path / "out")
+    write_split(out, FolderSource(str(src.parent), TINY_SIZE), name="g", split="s", progress=False)
+    ((image, _),) = read_shards(out, "s").values()
+    expected = np.floor(values / 65535 * 255 + 0.5)  # independent of the converter's arithmetic
+    assert np.abs(image.astype(int) - expected[:, :, None]).max() <= 1
+    assert image.min() == 0 and image.max() == 255
+
+
+def test_skip_bad_leaves_unreadable_images_out_and_records_them(tmp_path, capsys):
+    src = tmp_path / "folder" / "only"
+    src.mkdir(parents=True)
+    for i, image in enumerate(make_images(6, TINY_SIZE, seed=1)):
+        _png(src / f"{i}.png", image)
+    (src / "3.png").write_bytes(b"this is not a png")
+    out = str(tmp_path / "out")
+    args = ["convert-folder", str(src.parent), "--out", out, "--split", "s", "--samples-per-shard", "2"]
+    assert data_cli.main([*args, "--no-progress", "--procs", "1"]) == 1  # without the flag: stops, names the file
+    assert "3.png: unreadable image" in capsys.readouterr().err
+    assert data_cli.main([*args, "--no-progress", "--procs", "1", "--skip-bad"]) == 0  # the re-run is accepted
+    m = read_manifest(out, "s")
+    assert m.num_samples == 5 and m.samples_per_shard == [2, 1, 2]
+    assert len(m.skipped_inputs) == 1 and "only/3.png: unreadable image" in m.skipped_inputs[0]
+    assert "skipped:" in capsys.readouterr().err
+    assert verify(out, m) == [] and len(read_shards(out, "s")) == 5
+    evaluated = sorted(k for _, k, _, _ in eval_keys(DataConfig(path=out, eval_split="s", num_workers=0), 2))
+    assert evaluated == sorted(read_shards(out, "s")) and not any("3" in k for k in evaluated)
+
+
+def test_shard_sizes_are_checked_before_a_run_starts(tiny_shards):
+    from tarflow_scale.data import check_shard_sizes
+
+    m = read_manifest(tiny_shards, "train")
+    assert m.shard_bytes and len(m.shard_bytes) == len(m.shards)
+    check_shard_sizes(tiny_shards, m)
+    shard = os.path.join(tiny_shards, m.shards[2])
+    data = open(shard, "rb").read()
+    open(shard, "wb").write(data[:-1024])
+    with pytest.raises(DataError, match=rf"{m.shards[2]}: {len(data) - 1024} bytes, the manifest says {len(data)}"):
+        check_shard_sizes(tiny_shards, m)
+    os.remove(shard)
+    with pytest.raises(DataError, match=rf"{m.shards[2]}: shard listed in train.json is missing"):
+        check_shard_sizes(tiny_shards, m)

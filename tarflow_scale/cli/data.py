@@ -32,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert-folder", help="an image folder (one subfolder per class) -> shards")
     p.add_argument("src", help="folder holding one subfolder per class")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave unreadable images out instead of stopping; the manifest lists them under skipped_inputs",
+    )
     _common(p)
 
     p = sub.add_parser("bundled", help="build the bundled dataset (photo crops from scikit-image/-learn)")
@@ -51,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             source = NpzSource(args.src, image_size=args.size, num_classes=args.num_classes)
             name = args.name or f"imagenet{args.size}"
         elif args.command == "convert-folder":
-            source = FolderSource(args.src, image_size=args.size)
+            source = FolderSource(args.src, image_size=args.size, skip_bad=args.skip_bad)
             name = args.name or os.path.basename(os.path.normpath(args.src))
         elif args.command == "bundled":
             for split, m in build_bundled(args.out, num_procs=args.procs, progress=True).items():
@@ -69,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
         )
         print(f"{args.out}: {m.split} {m.num_samples} samples in {m.pattern}, manifest {m.split}.json")
+        for line in m.skipped_inputs:
+            print(f"skipped: {line}", file=sys.stderr)
         return 0
     except DataError as e:
         print(f"tarflow-data: error: {e}", file=sys.stderr)

@@ -22,8 +22,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML run config (see configs/); defaults to the built-in tiny run")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded cluster)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--allow-config-change",
+        nargs="+",
+        default=[],
+        metavar="KEY",
+        help="dotted config keys that may differ from the checkpoint a run resumes from (e.g. optim.lr); "
+        "without it, resuming with a changed model/optimizer/schedule/data/batch setting is refused",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.channels=256 train.num_steps=10")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # `--allow-config-change a.b c=d`: argparse gives both to the option; key=value items are overrides.
+    args.overrides += [k for k in args.allow_config_change if "=" in k]
+    args.allow_config_change = [k for k in args.allow_config_change if "=" not in k]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{config.micro_batch_size} x {config.grad_accum_steps} accumulation step(s)"
         )
         return 0
+    from tarflow_scale.checkpoint import CheckpointError
+    from tarflow_scale.data import DataError
+
     if config.train.init_from:  # before any worker starts: the file exists and holds this run's model
-        from tarflow_scale.checkpoint import CheckpointError, check_initial_weights
+        from tarflow_scale.checkpoint import check_initial_weights
 
         try:
             check_initial_weights(config.train.init_from, config.model)
@@ -55,12 +70,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tarflow-train: {e}", file=sys.stderr)
             return 2
     from tarflow_scale.training.cluster import launch
+    from tarflow_scale.training.run_state import RunStopped
 
     try:
-        launch(config, address=args.address)
-    except ConfigError as e:
+        launch(config, address=args.address, allow_config_change=tuple(args.allow_config_change))
+    except (ConfigError, DataError, CheckpointError) as e:  # repeatable: one line naming the key, file or sample
         print(f"tarflow-train: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"tarflow-train: {e}", file=sys.stderr)
+        return 130  # the shell's code for "interrupted"
     return 0
 
 

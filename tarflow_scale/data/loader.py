@@ -7,6 +7,7 @@ import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -60,8 +61,9 @@ class _Decode:
     """A shard sample -> ((C, H, W) uint8 tensor, int label, key); any problem is a DataError naming the shard
     and the key."""
 
-    def __init__(self, channels: int, image_size: int):
+    def __init__(self, channels: int, image_size: int, num_classes: int = 0):
         self.shape = (image_size, image_size, channels)
+        self.num_classes = num_classes  # 0: unconditional data, labels unchecked
 
     def __call__(self, sample: dict[str, Any]) -> tuple[Tensor, int, str]:
         from PIL import Image
@@ -77,6 +79,9 @@ class _Decode:
             raise DataError(f"{url}: sample {key!r} is corrupt ({type(e).__name__}: {e})") from None
         if array.shape != self.shape:
             raise DataError(f"{url}: sample {key!r} is {array.shape} (H, W, C), the manifest says {self.shape}")
+        # Out of range, a label would train as the null label (-1) or index past the class embedding.
+        if self.num_classes and not 0 <= label < self.num_classes:
+            raise DataError(f"{url}: sample {key!r} has label {label}, outside [0, {self.num_classes})")
         return torch.from_numpy(array.copy()).permute(2, 0, 1), label, key
 
 
@@ -106,13 +111,13 @@ class _SkipCounter:
         self.in_a_row = 0
         self.last_error = ""
 
-    def __call__(self, exn: Exception) -> bool:
+    def __call__(self, exn: Exception, count: int = 1) -> bool:
         if isinstance(exn, DataError):
             message = str(exn)
         else:  # webdataset appends the shard URL to the exception's args
             url = exn.args[-1] if len(exn.args) > 1 and isinstance(exn.args[-1], str) else None
             message = f"{url + ': ' if url else ''}unreadable shard data ({_describe(exn)})"
-        self.skipped += 1
+        self.skipped += count
         self.in_a_row += 1
         self.last_error = message
         logger.warning("skipping corrupt training data: %s", message)
@@ -134,8 +139,30 @@ class _TrainStream(torch.utils.data.IterableDataset):
     def __init__(self, cfg: DataConfig, urls: list[str], manifest: Manifest, batch_size: int, seed_parts: tuple):
         super().__init__()
         self.cfg, self.urls, self.batch_size, self.seed_parts = cfg, urls, batch_size, seed_parts
-        self.decode = _Decode(manifest.channels, manifest.image_size)
+        self.decode = _Decode(manifest.channels, manifest.image_size, manifest.num_classes)
         self.out_size = _output_size(cfg, manifest)
+        self.expected = dict(zip(urls, manifest.samples_per_shard))
+
+    def _counted_samples(self, shards: Iterator[dict[str, str]], counter: _SkipCounter) -> Iterator[dict]:
+        """Each shard's samples, counted against the manifest: garbage inside a tar ends Python's tar reader
+        silently, so a shard that yields fewer samples than recorded has its shortfall counted as skipped."""
+        for shard in shards:
+            url, yielded = shard["url"], 0
+            try:
+                for sample in wds.tarfile_samples([shard]):
+                    yielded += 1
+                    yield sample
+                error = None
+            except Exception as e:  # unreadable shard data: counted below with the shortfall
+                error = e
+            missing = self.expected.get(url, yielded) - yielded
+            if error is not None or missing > 0:
+                detail = f" ({_describe(error)})" if error is not None else ""
+                expected = self.expected.get(url, yielded)
+                counter(
+                    DataError(f"{url}: yielded {yielded} of its {expected} samples{detail}; the rest skipped"),
+                    count=max(missing, 1),
+                )
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, int, str]]:
         info = torch.utils.data.get_worker_info()
@@ -144,7 +171,7 @@ class _TrainStream(torch.utils.data.IterableDataset):
         stages = [
             # Shards drawn with replacement, endlessly: no epoch boundary at which ranks must agree.
             wds.ResampledShards(self.urls, seed=base % 2**31, worker_seed=lambda: 0, deterministic=True),
-            wds.tarfile_to_samples(handler=counter),
+            partial(self._counted_samples, counter=counter),
         ]
         if self.cfg.shuffle_buffer > 1:
             # Shuffle the still-encoded samples: the buffer costs bytes, not decoded pixels.
@@ -221,7 +248,7 @@ class _EvalStream(torch.utils.data.IterableDataset):
     def __init__(self, urls: list[str], manifest: Manifest, lo: int, hi: int, batch_size: int, out_size: int):
         super().__init__()
         self.lo, self.hi, self.batch_size, self.out_size = lo, hi, batch_size, out_size
-        self.decode = _Decode(manifest.channels, manifest.image_size)
+        self.decode = _Decode(manifest.channels, manifest.image_size, manifest.num_classes)
         self.shards = {
             url: (offset, count)
             for url, offset, count in zip(urls, manifest.shard_offsets, manifest.samples_per_shard)

@@ -30,7 +30,7 @@ class Manifest:
     name: str  # dataset name, the prefix of every shard file name
     split: str
     shards: list[str]  # file names relative to the dataset root, in sample order
-    samples_per_shard: list[int]  # one count per shard; only the last may be smaller
+    samples_per_shard: list[int]  # one count per shard; only the last may be smaller (any, with --skip-bad)
     num_samples: int
     image_size: int  # H = W, pixels
     channels: int
@@ -39,6 +39,9 @@ class Manifest:
     class_names: list[str] = field(default_factory=list)  # index -> name, when known
     pattern: str = ""  # brace-expandable form of `shards`, e.g. "imagenet64-train-{000000..000127}.tar"
     source: dict[str, Any] = field(default_factory=dict)  # what was converted and how; compared on re-runs
+    shard_bytes: list[int] = field(default_factory=list)  # file size of each shard: a cheap check at every start
+    # Input files the converter skipped as unreadable (`--skip-bad`): "path: reason", one each.
+    skipped_inputs: list[str] = field(default_factory=list)
     version: int = MANIFEST_VERSION
 
     @property
@@ -67,6 +70,8 @@ class Manifest:
             raise DataError(f"{where}: the split holds no samples")
         if min(self.image_size, self.channels) < 1 or self.num_classes < 0:
             raise DataError(f"{where}: image_size, channels must be >= 1 and num_classes >= 0")
+        if self.shard_bytes and len(self.shard_bytes) != n:
+            raise DataError(f"{where}: shard_bytes ({len(self.shard_bytes)}) must have one size per shard ({n})")
         if len(set(self.shards)) != n:
             raise DataError(f"{where}: a shard is listed twice")
 
@@ -166,14 +171,40 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def count_tar_samples(path: str) -> int:
-    """Number of distinct sample keys in a shard (members are `<key>.<field>`)."""
+def tar_keys(path: str) -> set[str]:
+    """The distinct sample keys in a shard (members are `<key>.<field>`)."""
     keys = set()
     with tarfile.open(path, "r") as tar:
         for member in tar:
             if member.isreg():
                 keys.add(member.name.split(".", 1)[0])
-    return len(keys)
+    return keys
+
+
+def count_tar_samples(path: str) -> int:
+    """Number of distinct sample keys in a shard."""
+    return len(tar_keys(path))
+
+
+def check_shard_sizes(root: str, manifest: Manifest) -> None:
+    """The cheap start-of-run check (no reading): every local shard exists and has the size the manifest records.
+
+    A truncated copy or a half-synced folder fails here, naming the shard; `tarflow-data verify` is the full check
+    (checksums, and with --deep the sample counts). Remote data roots are left to the loaders' own checks.
+    """
+    if is_url(root):
+        return
+    sizes = manifest.shard_bytes or [None] * len(manifest.shards)
+    for name, size in zip(manifest.shards, sizes):
+        path = os.path.join(root, name)
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: shard listed in {manifest_name(manifest.split)} is missing")
+        actual = os.path.getsize(path)
+        if size is not None and actual != size:
+            raise DataError(
+                f"{path}: {actual} bytes, the manifest says {size} (truncated or replaced; run "
+                f"`tarflow-data verify {root}` for the full check)"
+            )
 
 
 def verify(root: str, manifest: Manifest, deep: bool = False) -> list[str]:
@@ -187,6 +218,9 @@ def verify(root: str, manifest: Manifest, deep: bool = False) -> list[str]:
         actual = file_sha256(path)
         if actual != digest:
             problems.append(f"{path}: sha256 {actual[:12]}... does not match the manifest's {digest[:12]}...")
+            continue
+        if manifest.shard_bytes and os.path.getsize(path) != manifest.shard_bytes[manifest.shards.index(name)]:
+            problems.append(f"{path}: size differs from the manifest's shard_bytes")
             continue
         if deep:
             try:

@@ -21,6 +21,7 @@ from .manifest import (
     file_sha256,
     manifest_name,
     read_manifest,
+    tar_keys,
     verify,
     write_json_atomic,
     write_manifest,
@@ -204,6 +205,18 @@ def write_split(
     finally:
         bar.close()
 
+    skipped: list[str] = []
+    if getattr(source, "skip_bad", False):  # --skip-bad: the shards hold fewer samples; say which are missing
+        for i in range(num_shards):
+            if results[i][0] < counts[i]:
+                start = i * samples_per_shard
+                present = tar_keys(os.path.join(out_dir, names[i]))
+                missing = [k for k in source.keys[start : start + counts[i]] if k not in present]
+                skipped += [source.skipped_reason(k) for k in missing]
+                counts[i] = results[i][0]
+        num_samples = sum(counts)
+        if num_samples == 0:
+            raise DataError(f"{name}/{split}: every input image was unreadable")
     for i in range(num_shards):
         if results[i][0] != counts[i]:
             raise DataError(f"{os.path.join(out_dir, names[i])}: holds {results[i][0]} samples, expected {counts[i]}")
@@ -220,6 +233,8 @@ def write_split(
         class_names=list(source.class_names),
         pattern=brace_pattern(name, split, num_shards),
         source=plan,
+        shard_bytes=[os.path.getsize(os.path.join(out_dir, n)) for n in names],
+        skipped_inputs=skipped,
     )
     write_manifest(out_dir, manifest)
     with contextlib.suppress(FileNotFoundError):  # a concurrent builder of the same split may have removed it

@@ -247,6 +247,23 @@ def _image_extensions() -> set[str]:
     return {ext.lower() for ext in Image.registered_extensions()}
 
 
+def _to_rgb8(im) -> np.ndarray:
+    """A PIL image of any mode -> (H, W, 3) uint8, a writable copy (as torch.from_numpy wants).
+
+    16-bit grayscale PNGs open as mode I;16 (or I): PIL's convert("RGB") clips them at 255 (all white), so they
+    are rescaled here, 65535 -> 255 (divide by 257, rounded). Float images have no agreed range: refused.
+    """
+    if im.mode.startswith("I;16") or im.mode == "I":
+        values = np.asarray(im, dtype=np.float64)
+        if values.min() < 0 or values.max() > 65535:
+            raise DataError(f"{getattr(im, 'filename', '?')}: integer pixels outside the 16-bit range")
+        gray = np.round(values / 257.0).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if im.mode == "F":
+        raise DataError(f"{getattr(im, 'filename', '?')}: floating-point image (mode F) has no pixel range to map")
+    return np.array(im.convert("RGB"))
+
+
 def load_resized(path: str, size: int) -> np.ndarray:
     """Any image PIL reads -> (size, size, 3) uint8: shorter side resized to `size` (antialiased), then
     centre-cropped, with torchvision."""
@@ -256,7 +273,9 @@ def load_resized(path: str, size: int) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
-            rgb = np.array(im.convert("RGB"))  # a writable copy, as torch.from_numpy wants
+            rgb = _to_rgb8(im)
+    except DataError:
+        raise
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
         raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
     x = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W)
@@ -270,10 +289,17 @@ class FileChunk:
     labels: list[int]
     paths: list[str]
     size: int
+    skip_bad: bool = False  # leave unreadable images out (the converter records them) instead of failing
 
     def samples(self) -> Iterator[dict[str, Any]]:
         for key, label, path in zip(self.keys, self.labels, self.paths):
-            yield shard_sample(key, load_resized(path, self.size), label)
+            try:
+                image = load_resized(path, self.size)
+            except DataError:
+                if self.skip_bad:
+                    continue
+                raise
+            yield shard_sample(key, image, label)
 
 
 class FolderSource:
@@ -281,8 +307,9 @@ class FolderSource:
     files whose extension PIL does not know are ignored. Keys derive from the relative path, so they stay
     stable when other files are added."""
 
-    def __init__(self, root: str, image_size: int = 64):
+    def __init__(self, root: str, image_size: int = 64, skip_bad: bool = False):
         self.root = os.path.abspath(root)
+        self.skip_bad = skip_bad  # not part of describe(): it changes no image that is converted
         if not os.path.isdir(self.root):
             raise DataError(f"{self.root}: no such folder")
         self.image_size, self.channels = image_size, 3
@@ -323,4 +350,13 @@ class FolderSource:
 
     def read(self, start: int, stop: int) -> FileChunk:
         paths = [os.path.join(self.root, f) for f in self.files[start:stop]]
-        return FileChunk(self.keys[start:stop], self.labels[start:stop], paths, self.image_size)
+        return FileChunk(self.keys[start:stop], self.labels[start:stop], paths, self.image_size, self.skip_bad)
+
+    def skipped_reason(self, key: str) -> str:
+        """`path: why` for a key the converter left out (the image is read again to say why)."""
+        path = os.path.join(self.root, self.files[self.keys.index(key)])
+        try:
+            load_resized(path, self.image_size)
+        except DataError as e:
+            return str(e)
+        return f"{path}: unreadable at conversion time"

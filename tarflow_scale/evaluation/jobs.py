@@ -6,6 +6,7 @@ The only module of the evaluation that imports Ray; the maths lives in bpd, gene
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -18,11 +19,12 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from ray.util import ActorPool
 
+from .. import atomic
+from ..atomic import atomic_path
 from ..checkpoint import load_model
 from ..config import ConfigError, RunConfig, TarFlowConfig, from_dict, to_dict
-from ..data import DataError, make_eval_loader, read_manifest, resolve_data_path
+from ..data import DataError, check_shard_sizes, make_eval_loader, read_manifest, resolve_data_path
 from ..models.tarflow import TarFlow
 from ..sampling import save_grid, to_uint8
 from . import fid as fidlib
@@ -31,9 +33,13 @@ from .denoise import tweedie_denoise
 from .generate import SampleSettings, generate
 from .report import build_report, write_report
 from .resolve import CheckpointInfo, TrainingNoise, training_noise
+from .units import UnitStore, model_fingerprint
 
 JOB_ORDER = ("bpd", "sample", "denoise", "fid_stats", "fid")  # fid_stats before fid: fid reads what it writes
-PARTS_PER_WORKER = 4  # data jobs cut the split into this many index ranges per worker: balance and progress
+# Data jobs cut a split into fixed index ranges (units): never tied to the worker count, so a re-run with other
+# workers reuses the finished units and assembles the same numbers.
+BPD_UNIT_IMAGES = 512
+REFERENCE_UNIT_IMAGES = 8192  # a unit saves (D, D) float64 statistics: 32 MB for Inception
 METRICS_FILE = "metrics.json"
 BPD_DESCRIPTIONS = {
     "dequantized": "bits/dim of the 8-bit held-out images: uniform dequantization x = (u + v)/128 - 1, "
@@ -114,9 +120,6 @@ class EvalWorker:
         model.load_state_dict(payload["state"], strict=True)
         self.model = model.to(self.device).eval()
         self._extractor = None
-        # Feature statistics accumulate here across work items and leave once per job (take_stats): a (D, D)
-        # scatter matrix is 32 MB for Inception, too big to ship back with every batch.
-        self._stats: dict[str, fidlib.FeatureStats] = {}
 
     def ready(self) -> str:
         """Returns once the model is loaded (so job timings exclude start-up); names the device."""
@@ -176,7 +179,8 @@ class EvalWorker:
         step: float,
         png_dir: str | None,
     ) -> dict[str, Any]:
-        """Generate, (denoise), quantise and featurise samples `indices` into this worker's "fid" statistics."""
+        """Generate, (denoise), quantise and featurise samples `indices`: their features, one unit of the FID job
+        (about 8 KB per sample for Inception; the driver saves them and streams them into the statistics)."""
         images, labels, redrawn = generate(self.model, indices, settings)
         if denoise_std is not None:
             images = tweedie_denoise(self.model, images, denoise_std, labels, step, self.config.eval.denoise_batch_size)
@@ -184,25 +188,19 @@ class EvalWorker:
         if png_dir:
             _write_pngs(pixels, indices, png_dir)
         feats = fidlib.extract_features(pixels, self._feature_network(), self.device)
-        kid_max = self.config.eval.kid_max_features
-        self._stats.setdefault("fid", fidlib.FeatureStats()).add(feats, indices, [i < kid_max for i in indices])
-        return {"redrawn": redrawn, "count": len(indices)}
+        return {"indices": indices, "feats": np.asarray(feats), "redrawn": redrawn, "count": len(indices)}
 
     def reference_part(self, part: int, num_parts: int, split: str, num_reference: int) -> dict[str, Any]:
-        """Featurise the real images in part `part` of `num_parts` of `split` into the "fid_stats" statistics."""
+        """Feature statistics of the real images in part `part` of `num_parts` of `split` (one unit of fid_stats)."""
         c = self.config
-        stats = self._stats.setdefault("fid_stats", fidlib.FeatureStats())
+        stats = fidlib.FeatureStats()
         count = 0
         for images, _, keys in make_eval_loader(c.data, c.eval.batch_size, part, num_parts, split=split):
             feats = fidlib.extract_features(images, self._feature_network(), self.device)
             keep = [fidlib.keep_reference_for_kid(k, num_reference, c.eval.kid_max_features) for k in keys]
             stats.add(feats, ids=keys, keep=keep)
             count += len(keys)
-        return {"count": count}
-
-    def take_stats(self, job: str) -> fidlib.FeatureStats:
-        """This worker's accumulated statistics of `job`, reset for the next run."""
-        return self._stats.pop(job, fidlib.FeatureStats())
+        return {"count": count, "stats": stats}
 
 
 def _write_pngs(pixels: torch.Tensor, indices: list[int], folder: str) -> None:
@@ -211,11 +209,19 @@ def _write_pngs(pixels: torch.Tensor, indices: list[int], folder: str) -> None:
     os.makedirs(folder, exist_ok=True)
     for image, index in zip(pixels, indices):
         array = image.permute(1, 2, 0).numpy()
-        Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(os.path.join(folder, f"{index:06d}.png"))
+        with atomic_path(os.path.join(folder, f"{index:06d}.png"), suffix=".png") as tmp:
+            Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(tmp)
 
 
 class WorkerPool:
-    """N EvalWorker actors behind a Ray ActorPool: work items go to whichever worker is free."""
+    """N EvalWorker actors; work items go to whichever worker is free, and a lost worker is replaced.
+
+    A worker that dies (its process or its node) loses only the item it was running: the item goes back to the
+    queue and a new actor is started wherever the cluster has room. Errors raised by the work itself (DataError,
+    FidError, ...) are not retried: they would repeat.
+    """
+
+    MAX_REPLACEMENTS_PER_WORKER = 3  # then the cluster is failing, not occasionally losing a node
 
     def __init__(self, model: TarFlow, config: RunConfig, num_workers: int):
         cluster = config.cluster
@@ -230,58 +236,147 @@ class WorkerPool:
             )
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         # One copy of the weights in the object store; every worker builds its model from it (no shared FS needed).
-        payload = ray.put({"model_config": to_dict(model.config), "state": state})
-        actor = ray.remote(EvalWorker).options(num_cpus=cluster.cpus_per_worker, num_gpus=1 if cluster.use_gpu else 0)
-        self.actors = [
-            actor.remote(payload, to_dict(config), cluster.use_gpu, cluster.cpus_per_worker) for _ in range(num_workers)
-        ]
+        self._payload = ray.put({"model_config": to_dict(model.config), "state": state})
+        # SPREAD: one lost node takes as few workers as possible with it.
+        self._actor = ray.remote(EvalWorker).options(
+            num_cpus=cluster.cpus_per_worker, num_gpus=1 if cluster.use_gpu else 0, scheduling_strategy="SPREAD"
+        )
+        self._args = (to_dict(config), cluster.use_gpu, cluster.cpus_per_worker)
+        self.actors = [self._new_actor() for _ in range(num_workers)]
         start = time.perf_counter()
         try:
             self.devices = ray.get([a.ready.remote() for a in self.actors])
         except ray.exceptions.RayActorError as e:
             raise RuntimeError(f"an evaluation worker failed to start: {e}") from e
         self.startup_s = time.perf_counter() - start
-        self.pool = ActorPool(self.actors)
         self.size = num_workers
+        self.replaced = 0  # workers lost and replaced during this evaluation
 
-    def map(self, method: str, items: list[tuple], progress: Progress, count: Callable[[Any], int]) -> list[Any]:
-        results = []
-        try:
-            for result in self.pool.map_unordered(lambda a, args: getattr(a, method).remote(*args), items):
-                progress.update(count(result))
-                results.append(result)
-        except ray.exceptions.RayTaskError as e:
-            raise e.as_instanceof_cause() from None  # the worker's own exception type (DataError, FidError, ...)
+    def _new_actor(self):
+        return self._actor.remote(self._payload, *self._args)
+
+    def map(
+        self,
+        method: str,
+        items: list[tuple],
+        progress: Progress,
+        count: Callable[[Any], int],
+        on_result: Callable[[int, Any], None] | None = None,
+    ) -> list[Any]:
+        """Run `method(*item)` for every item; `on_result(i, result)` runs on the driver as each one finishes
+        (it saves the unit). Returns the results in item order."""
+        from collections import deque
+
+        results: list[Any] = [None] * len(items)
+        queue = deque(range(len(items)))
+        idle = list(self.actors)
+        running: dict[Any, tuple[Any, int]] = {}  # ref -> (actor, item index)
+        starting: dict[Any, Any] = {}  # ready() ref -> replacement actor
+        while queue or running:
+            while idle and queue:
+                actor, i = idle.pop(), queue.popleft()
+                running[getattr(actor, method).remote(*items[i])] = (actor, i)
+            if not running and not starting:
+                raise RuntimeError(f"every evaluation worker was lost; {len(queue)} {method} items left")
+            ready, _ = ray.wait([*running, *starting], num_returns=1)
+            ref = ready[0]
+            if ref in starting:
+                actor = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    self._replace(actor, starting, reason="its replacement failed to start")
+                    continue
+                idle.append(actor)
+                continue
+            actor, i = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                raise e.as_instanceof_cause() from None  # the worker's own exception type (DataError, FidError, ...)
+            except ray.exceptions.RayActorError as e:  # the process or its node is gone: redo its item elsewhere
+                print(f"[{method}] an evaluation worker was lost ({type(e).__name__}); redoing its unit", flush=True)
+                queue.appendleft(i)
+                self._replace(actor, starting, reason=str(e))
+                continue
+            if on_result is not None:
+                on_result(i, result)
+            progress.update(count(result))
+            results[i] = result
+            idle.append(actor)
         return results
 
-    def gather_stats(self, job: str) -> fidlib.FeatureStats:
-        """Every worker's statistics of `job`, merged (Chan's update is exact in any order)."""
-        merged = fidlib.FeatureStats()
-        for stats in ray.get([a.take_stats.remote(job) for a in self.actors]):
-            merged = merged.merge(stats)
-        return merged
+    def _replace(self, actor, starting: dict, reason: str) -> None:
+        self.replaced += 1
+        if self.replaced > self.MAX_REPLACEMENTS_PER_WORKER * self.size:
+            raise RuntimeError(f"{self.replaced} evaluation workers lost; the last: {reason}")
+        self.actors = [a for a in self.actors if a is not actor]
+        with contextlib.suppress(Exception):
+            ray.kill(actor)
+        new = self._new_actor()
+        self.actors.append(new)
+        starting[new.ready.remote()] = new
 
     def close(self) -> None:
         for a in self.actors:
-            ray.kill(a)
+            with contextlib.suppress(Exception):
+                ray.kill(a)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Jobs
 
 
-def run_bpd(pool: WorkerPool, config: RunConfig, noise: TrainingNoise) -> tuple[dict, dict[str, dict[str, float]]]:
+def _run_units(
+    pool: WorkerPool,
+    store: UnitStore,
+    method: str,
+    names: list[str],
+    items: list[tuple],
+    progress: Progress,
+    count: Callable[[Any], int],
+    to_arrays: Callable[[Any], dict[str, Any]],
+) -> list[dict[str, np.ndarray]]:
+    """Load the finished units, compute the rest on the workers (each saved as it arrives); all, in unit order."""
+    todo = [i for i, name in enumerate(names) if not store.done(name)]
+    store.reused += len(names) - len(todo)
+    if len(todo) < len(names):
+        print(f"[{method}] {len(names) - len(todo)} of {len(names)} units already done in {store.folder}", flush=True)
+    pool.map(
+        method,
+        [items[i] for i in todo],
+        progress,
+        count,
+        on_result=lambda j, result: store.save(names[todo[j]], to_arrays(result)),
+    )
+    return [store.load(name) for name in names]
+
+
+def run_bpd(
+    pool: WorkerPool, config: RunConfig, noise: TrainingNoise, store_for: Callable[[str, dict], UnitStore]
+) -> tuple[dict, dict[str, dict[str, float]]]:
     """Exact bits/dim over data.eval_split: every sample exactly once across workers (checked)."""
     split = config.data.eval_split
     manifest = read_manifest(config.data.path, split)
     n = manifest.num_samples
-    num_parts = min(n, pool.size * PARTS_PER_WORKER)
+    num_parts = -(-n // BPD_UNIT_IMAGES)
     kinds = [("dequantized", "uniform", 0.0)]
     if noise.noise == "gaussian":
         kinds.append(("noisy_data_nll", "gaussian", noise.noise_std))
-    progress = Progress("bpd", n, config.eval.progress_every_s)
-    parts = pool.map("bpd_part", [(p, num_parts, kinds) for p in range(num_parts)], progress, lambda r: len(r["keys"]))
-    timing = progress.finish()
+    e = config.eval
+    store = store_for(
+        "bpd",
+        {"data": _data_fingerprint(manifest), "split": split, "image_size": config.data.image_size, "kinds": kinds,
+         "num_parts": num_parts, "draws": e.bpd_draws, "seed": e.seed, "batch_size": e.batch_size},
+    )  # fmt: skip
+    progress = Progress("bpd", n, e.progress_every_s)
+    names = [f"part_{p:06d}_of_{num_parts:06d}" for p in range(num_parts)]
+    parts = _run_units(
+        pool, store, "bpd_part", names, [(p, num_parts, kinds) for p in range(num_parts)], progress,
+        lambda r: len(r["keys"]), lambda r: {"keys": np.array(r["keys"], dtype=str), **r["values"]},
+    )  # fmt: skip
+    parts = [{"keys": list(u["keys"]), "values": {name: u[name] for name, _, _ in kinds}} for u in parts]
+    timing = {**progress.finish(), "units": store.summary()}
     keys = [k for r in parts for k in r["keys"]]
     if len(keys) != n or len(set(keys)) != n:
         raise DataError(
@@ -308,17 +403,42 @@ def run_bpd(pool: WorkerPool, config: RunConfig, noise: TrainingNoise) -> tuple[
     return result, per_image
 
 
+def _sample_plan(settings: SampleSettings, denoise_std: float | None, step: float, batch_size: int) -> dict:
+    return {"settings": asdict(settings), "denoise_std": denoise_std, "step": step, "batch_size": batch_size}
+
+
 def run_sampling(
-    pool: WorkerPool, config: RunConfig, settings: SampleSettings, denoise_std: float | None, out_dir: Path
+    pool: WorkerPool,
+    config: RunConfig,
+    settings: SampleSettings,
+    denoise_std: float | None,
+    out_dir: Path,
+    store_for: Callable[[str, dict], UnitStore],
 ) -> dict[str, Any]:
     """eval.num_samples samples (and their Tweedie-denoised versions when denoise_std is given): grids + npz."""
     e = config.eval
+    store = store_for("sample", _sample_plan(settings, denoise_std, e.denoise_step, e.batch_size))
     progress = Progress("sample", e.num_samples, e.progress_every_s)
     chunks = _chunks(e.num_samples, e.batch_size)
     items = [(c, settings, denoise_std, e.denoise_step) for c in chunks]
-    results = pool.map("sample_chunk", items, progress, lambda r: len(r["indices"]))
-    timing = progress.finish()
-    results.sort(key=lambda r: r["indices"][0])
+
+    def to_arrays(r: dict) -> dict[str, Any]:
+        out = {"indices": np.array(r["indices"]), "images": r["images"].numpy(), "redrawn": r["redrawn"]}
+        if r["labels"] is not None:
+            out["labels"] = r["labels"].numpy()
+        if "denoised" in r:
+            out["denoised"] = r["denoised"].numpy()
+        return out
+
+    names = [f"chunk_{c[0]:09d}_{c[-1]:09d}" for c in chunks]
+    units = _run_units(pool, store, "sample_chunk", names, items, progress, lambda r: len(r["indices"]), to_arrays)
+    timing = {**progress.finish(), "units": store.summary()}
+    results = [
+        {"images": torch.from_numpy(u["images"]), "redrawn": int(u["redrawn"]),
+         "labels": torch.from_numpy(u["labels"]) if "labels" in u else None,
+         "denoised": torch.from_numpy(u["denoised"]) if "denoised" in u else None}
+        for u in units
+    ]  # fmt: skip
     images = torch.cat([r["images"] for r in results])
     arrays = {"indices": np.arange(e.num_samples), "images": images.numpy()}
     labels = [r["labels"] for r in results]
@@ -340,7 +460,8 @@ def run_sampling(
             "step": e.denoise_step,
             "rms_change": float((denoised - images).pow(2).mean().sqrt()),  # in the [-1, 1] pixel scale
         }
-    np.savez(out_dir / "samples.npz", **arrays)
+    with atomic_path(out_dir / "samples.npz", suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
     result["files"] = {**files, "arrays": str(out_dir / "samples.npz")}
     return result
 
@@ -354,17 +475,50 @@ def reference_meta(config: RunConfig, manifest) -> dict[str, Any]:
     }
 
 
-def run_fid_stats(pool: WorkerPool, config: RunConfig, path: Path) -> dict[str, Any]:
+def _stats_arrays(stats: fidlib.FeatureStats) -> dict[str, Any]:
+    order = sorted(range(len(stats.kid_ids)), key=lambda i: stats.kid_ids[i])
+    return {
+        "num": stats.num,
+        "mean": stats.mean if stats.num else np.zeros(0),
+        "scatter": stats.scatter if stats.num else np.zeros((0, 0)),
+        "kid_ids": np.array([stats.kid_ids[i] for i in order], dtype=str),
+        "kid_features": stats.kid_matrix(),
+    }
+
+
+def _stats_from_arrays(u: dict[str, np.ndarray]) -> fidlib.FeatureStats:
+    num = int(u["num"])
+    if num == 0:
+        return fidlib.FeatureStats()
+    return fidlib.FeatureStats(num, u["mean"], u["scatter"], list(u["kid_ids"]), list(u["kid_features"]))
+
+
+def run_fid_stats(
+    pool: WorkerPool, config: RunConfig, path: Path, store_for: Callable[[str, dict], UnitStore]
+) -> dict[str, Any]:
     """Reference statistics of every image of data.train_split (exactly once), cached at `path`."""
     split = config.data.train_split
     manifest = read_manifest(config.data.path, split)
     n = manifest.num_samples
-    num_parts = min(n, pool.size * PARTS_PER_WORKER)
-    progress = Progress("fid_stats", n, config.eval.progress_every_s)
+    num_parts = -(-n // REFERENCE_UNIT_IMAGES)
+    e = config.eval
+    store = store_for(
+        "fid_stats",
+        {**reference_meta(config, manifest), "num_parts": num_parts, "kid_max": e.kid_max_features,
+         "batch_size": e.batch_size, "data_image_size": config.data.image_size},
+    )  # fmt: skip
+    progress = Progress("fid_stats", n, e.progress_every_s)
     items = [(p, num_parts, split, n) for p in range(num_parts)]
-    parts = pool.map("reference_part", items, progress, lambda r: r["count"])
-    timing = progress.finish()
-    stats = pool.gather_stats("fid_stats")
+    names = [f"part_{p:06d}_of_{num_parts:06d}" for p in range(num_parts)]
+    units = _run_units(
+        pool, store, "reference_part", names, items, progress, lambda r: r["count"],
+        lambda r: _stats_arrays(r["stats"]),
+    )  # fmt: skip
+    timing = {**progress.finish(), "units": store.summary()}
+    stats = fidlib.FeatureStats()
+    for unit in units:  # merged in part order: the same floating-point result however the work was spread
+        stats = stats.merge(_stats_from_arrays(unit))
+    parts = [{"count": int(u["num"])} for u in units]
     if stats.num != n or sum(r["count"] for r in parts) != n:
         raise DataError(f"FID reference saw {stats.num} of the {n} images in {manifest.name}/{split}")
     fidlib.save_reference(path, stats, {**reference_meta(config, manifest), "data_path": config.data.path})
@@ -379,14 +533,28 @@ def run_fid(
     reference: fidlib.ReferenceStats,
     reference_path: Path,
     out_dir: Path,
+    store_for: Callable[[str, dict], UnitStore],
 ) -> dict[str, Any]:
     e = config.eval
     png_dir = str(out_dir / "fid_samples") if e.fid_save_png else None
+    store = store_for(
+        "fid",
+        {**_sample_plan(settings, denoise_std, e.denoise_step, e.batch_size), "extractor": e.fid_feature_extractor},
+    )
     progress = Progress("fid", e.fid_num_samples, e.progress_every_s)
-    items = [(c, settings, denoise_std, e.denoise_step, png_dir) for c in _chunks(e.fid_num_samples, e.batch_size)]
-    results = pool.map("fid_chunk", items, progress, lambda r: r["count"])
-    timing = progress.finish()
-    stats = pool.gather_stats("fid")
+    chunks = _chunks(e.fid_num_samples, e.batch_size)
+    items = [(c, settings, denoise_std, e.denoise_step, png_dir) for c in chunks]
+    names = [f"chunk_{c[0]:09d}_{c[-1]:09d}" for c in chunks]
+    units = _run_units(
+        pool, store, "fid_chunk", names, items, progress, lambda r: r["count"],
+        lambda r: {"indices": np.array(r["indices"]), "feats": r["feats"], "redrawn": r["redrawn"]},
+    )  # fmt: skip
+    timing = {**progress.finish(), "units": store.summary()}
+    stats = fidlib.FeatureStats()
+    for unit in units:  # streamed in sample order: exactly the same statistics however the work was spread
+        indices = unit["indices"].tolist()
+        stats.add(unit["feats"], indices, [i < e.kid_max_features for i in indices])
+    results = [{"redrawn": int(u["redrawn"])} for u in units]
     metrics = fidlib.fid_and_kid(stats, reference, e.seed)
     result = {
         **metrics,
@@ -415,6 +583,7 @@ def run_fid(
 
 def _check_data(config: RunConfig, split: str):
     manifest = read_manifest(config.data.path, split)
+    check_shard_sizes(config.data.path, manifest)  # cheap; `tarflow-data verify` is the full check
     m, size = config.model, config.data.image_size or manifest.image_size
     if size != m.image_size or manifest.channels != m.in_channels:
         raise ConfigError(
@@ -507,26 +676,34 @@ def evaluate(
     settings = SampleSettings(e.seed, e.guidance, e.guidance_annealed, e.attn_temp, e.max_redraws)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    weights = model_fingerprint(model)
+
+    def store_for(job: str, plan: dict) -> UnitStore:
+        return UnitStore(out_dir, job, {"job": job, "weights": weights, **plan})
+
     started = init_ray(address or config.cluster.address)
     results: dict[str, Any] = {}
     try:
         pool = WorkerPool(model, config, num_workers)
         try:
             if "bpd" in jobs:
-                results["bpd"], per_image = run_bpd(pool, config, noise)
+                results["bpd"], per_image = run_bpd(pool, config, noise, store_for)
                 _write_per_image(per_image, out_dir / "bpd_per_image.csv")
                 results["bpd"]["per_image_file"] = str(out_dir / "bpd_per_image.csv")
             if "sample" in jobs or "denoise" in jobs:
-                sampled = run_sampling(pool, config, settings, denoise_std if "denoise" in jobs else None, out_dir)
+                denoise = denoise_std if "denoise" in jobs else None
+                sampled = run_sampling(pool, config, settings, denoise, out_dir, store_for)
                 results["sample"] = {k: v for k, v in sampled.items() if k != "denoise"}
                 if "denoise" in jobs:
                     results["denoise"] = {**sampled["denoise"], "files": sampled["files"]}
             if build_reference:
-                results["fid_stats"] = run_fid_stats(pool, config, reference_path)
+                results["fid_stats"] = run_fid_stats(pool, config, reference_path, store_for)
             if "fid" in jobs:
                 if reference is None:
                     reference = fidlib.load_reference(reference_path, {})
-                results["fid"] = run_fid(pool, config, settings, fid_denoise_std, reference, reference_path, out_dir)
+                results["fid"] = run_fid(
+                    pool, config, settings, fid_denoise_std, reference, reference_path, out_dir, store_for
+                )
         finally:
             pool.close()
         cluster = {
@@ -534,6 +711,7 @@ def evaluate(
             "num_workers": num_workers,
             "worker_devices": pool.devices,
             "worker_startup_s": pool.startup_s,
+            "workers_replaced": pool.replaced,
             "use_gpu": config.cluster.use_gpu,
             "cpus_per_worker": config.cluster.cpus_per_worker,
             "num_nodes": len([n for n in ray.nodes() if n.get("Alive")]),
@@ -552,4 +730,4 @@ def _write_per_image(per_image: dict[str, dict[str, float]], path: Path) -> None
     names = sorted({n for row in per_image.values() for n in row})
     lines = ["key," + ",".join(names)]
     lines += [key + "," + ",".join(repr(per_image[key][n]) for n in names) for key in sorted(per_image)]
-    path.write_text("\n".join(lines) + "\n")
+    atomic.write_text(path, "\n".join(lines) + "\n")

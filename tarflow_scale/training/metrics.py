@@ -65,14 +65,30 @@ class MetricsLogger:
         pace = f"{rate:.2f} step/s | eta {format_duration(eta)}" if math.isfinite(rate) else "eta ?"
         emit(f"step {step}/{self.total_steps} | {shown} | {pace}")
 
+    def note(self, step: int, record: dict[str, Any]) -> None:
+        """An event (not a metric) in metrics.jsonl, e.g. where a run segment resumed; no rate, no TensorBoard."""
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **record}) + "\n")
+        emit(f"step {step}/{self.total_steps} | " + " | ".join(f"{k} {v}" for k, v in record.items()))
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl, in file order (a resumed run re-logs the steps it redid)."""
+    """All records of a run's metrics.jsonl, in file order (a resumed run re-logs the steps it redid).
+
+    The log is append-only, not rewritten atomically: a line torn by a kill or a full disk is skipped."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records

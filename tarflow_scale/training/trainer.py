@@ -25,12 +25,16 @@ from ..checkpoint import (
     CONFIG_FILE,
     EMA_FILE,
     EXPORT_NAME,
+    CheckpointError,
+    complete_checkpoints,
+    latest_checkpoint,
     load_initial_weights,
     read_run_config,
     save_export,
     strip_wrapper_prefixes,
+    write_complete_marker,
 )
-from ..config import RunConfig, dump_config, from_dict
+from ..config import ConfigError, RunConfig, dump_config, from_dict
 from ..data import DataStats, augment, make_train_loader
 from ..models.likelihood import LOG_2, LOG_BIN_WIDTH_8BIT
 from ..models.tarflow import NULL_LABEL, TarFlow
@@ -39,6 +43,7 @@ from ..sampling import sample_indices, save_grid
 from ..seeding import derive_seed
 from .deepspeed_config import build_deepspeed_config, describe_precision, precision_warning, resolve_precision
 from .metrics import MetricsLogger, emit
+from .run_state import stop_requested
 from .schedule import make_scheduler
 
 FAULT_MARKER = ".fault_injected"
@@ -85,6 +90,10 @@ class LoopState:
     step: int = 0
     nonfinite_total: int = 0
     nonfinite_in_a_row: int = 0
+    # The data stream: seeded at step `data_start` (a checkpoint_every boundary), `batches_drawn` micro-batches read
+    # since. A checkpoint taken between boundaries (a stop request) resumes the stream exactly where it was.
+    data_start: int = 0
+    batches_drawn: int = 0
 
 
 def _all_reduce(values: list[float | torch.Tensor], device: torch.device, op=None) -> list[float]:
@@ -94,6 +103,12 @@ def _all_reduce(values: list[float | torch.Tensor], device: torch.device, op=Non
     tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
     dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
     return tensor.tolist()
+
+
+def _max_op():
+    import torch.distributed as dist
+
+    return dist.ReduceOp.MAX
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -207,13 +222,18 @@ def _finish(engine, config: RunConfig, state: LoopState, logger: MetricsLogger, 
         emit(f"exported {path}")
 
 
-def _save_checkpoint(engine, config: RunConfig, state: LoopState, metrics: dict, ema: EMA | None, rank: int) -> None:
+def _save_checkpoint(engine, config: RunConfig, state: LoopState, metrics: dict, ema: EMA | None, rank: int) -> Path:
     """Collective: every rank writes its shard, then reports it; Ray merges them into one checkpoint folder."""
     import ray.train
     from ray.train import Checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
-        client_state = {"step": state.step, "nonfinite_total": state.nonfinite_total}
+        client_state = {
+            "step": state.step,
+            "nonfinite_total": state.nonfinite_total,
+            "data_start": state.data_start,
+            "batches_drawn": state.batches_drawn,
+        }
         engine.save_checkpoint(tmp, tag=f"step_{state.step:08d}", client_state=client_state)
         if rank == 0:
             dump_config(config, Path(tmp) / CONFIG_FILE)
@@ -221,40 +241,66 @@ def _save_checkpoint(engine, config: RunConfig, state: LoopState, metrics: dict,
                 from safetensors.torch import save_file
 
                 save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(Path(tmp) / EMA_FILE))
-        ray.train.report(
-            metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=f"checkpoint_{state.step:08d}"
-        )
+        name = f"checkpoint_{state.step:08d}"
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+    # report() stored this rank's files (synchronous upload); once every rank is past it, seal the folder.
+    import torch.distributed as dist
+
+    dist.barrier()
+    stored = Path(config.run_dir) / name
+    if rank == 0 and stored.is_dir():  # run_dir is Ray's storage folder (a local or shared file system)
+        write_complete_marker(stored, state.step, dist.get_world_size())
+    dist.barrier()  # nobody goes on (or stops) before the checkpoint counts
+    return stored
 
 
-def _resume(engine, config: RunConfig, ema: EMA | None, world: int) -> LoopState:
-    """Continue from Ray's latest checkpoint (after a failure, or a re-run of the same command), or from
-    `train.resume_from`; fresh state otherwise."""
+def _resume(engine, config: RunConfig, ema: EMA | None, world: int) -> tuple[LoopState, Path | None]:
+    """Continue from the newest complete checkpoint of run_dir (after a failure, or a re-run of the same command:
+    the one export and evaluation would pick too), or from `train.resume_from`; fresh state otherwise.
+
+    Ray's own latest checkpoint is not trusted blindly: it may be incomplete (its marker never written) or older
+    than the newest complete one (a snapshot lost or damaged); run_dir is the record."""
     import ray.train
     from ray.train import Checkpoint
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config.train.resume_from:
+    run_dir = Path(config.run_dir)
+    if "://" in config.run_dir:  # remote storage (s3://, gs://): no local markers; Ray's committed record counts
+        checkpoint = ray.train.get_checkpoint()
+    elif own := complete_checkpoints(run_dir, warn=ray.train.get_context().get_world_rank() == 0):
+        checkpoint = Checkpoint.from_directory(str(own[-1]))
+    elif config.train.resume_from:
         if not Path(config.train.resume_from).is_dir():
-            raise FileNotFoundError(f"train.resume_from={config.train.resume_from} does not exist")
-        checkpoint = Checkpoint.from_directory(config.train.resume_from)
+            raise ConfigError(f"train.resume_from={config.train.resume_from} does not exist")
+        checkpoint = Checkpoint.from_directory(str(latest_checkpoint(config.train.resume_from)))
+    else:
+        checkpoint = None
+        if ray.train.get_checkpoint() is not None:
+            emit(f"Ray reported a checkpoint, but {run_dir} holds no complete one: starting from step 0")
     if checkpoint is None:
-        return LoopState()
+        return LoopState(), None
     with checkpoint.as_directory() as directory:
         saved = read_run_config(directory)
         if saved.cluster.num_workers != world:
-            raise RuntimeError(
+            raise ConfigError(
                 f"checkpoint {directory} was written by {saved.cluster.num_workers} ranks but this run has {world}: "
                 "a ZeRO checkpoint resumes only at the same cluster.num_workers (export it with tarflow-export "
                 "to change the world size)"
             )
         load_path, client_state = engine.load_checkpoint(directory)
         if load_path is None:  # DeepSpeed only warns when `latest` is missing
-            raise RuntimeError(f"checkpoint {directory} holds no DeepSpeed engine state ('latest' missing)")
+            raise CheckpointError(f"checkpoint {directory} holds no DeepSpeed engine state ('latest' missing)")
         if ema is not None and (Path(directory) / EMA_FILE).is_file():
             from safetensors.torch import load_file
 
             ema.shadow = load_file(str(Path(directory) / EMA_FILE))
-    return LoopState(step=client_state["step"], nonfinite_total=client_state.get("nonfinite_total", 0))
+    step = client_state["step"]
+    state = LoopState(
+        step=step,
+        nonfinite_total=client_state.get("nonfinite_total", 0),
+        data_start=client_state.get("data_start", step),  # older checkpoints: always taken at a boundary
+        batches_drawn=client_state.get("batches_drawn", 0),
+    )
+    return state, Path(checkpoint.path)
 
 
 def train_worker(config_dict: dict) -> None:
@@ -291,8 +337,10 @@ def train_worker(config_dict: dict) -> None:
     if config.deepspeed.compile:
         engine.compile()
     ema = EMA(engine.module, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
-    state = _resume(engine, config, ema, world)
+    state, resumed_from = _resume(engine, config, ema, world)
     logger = MetricsLogger(config.run_dir, train.num_steps, enabled=rank == 0)
+    if resumed_from is not None:  # every segment and every restart after a failure leaves a trace in the log
+        logger.note(state.step, {"resumed_from": str(resumed_from)})
     stats = DataStats()
     num_dims = config.model.num_dims
     conditional = config.model.num_classes > 0
@@ -302,14 +350,20 @@ def train_worker(config_dict: dict) -> None:
 
     while state.step < train.num_steps:
         if loader is None or state.step % train.checkpoint_every == 0:
-            # Re-seeded at each checkpoint boundary, so a resumed run sees the same batches.
-            seed = derive_seed(train.seed, "data", state.step)
+            # Re-seeded at each checkpoint boundary, so a resumed run sees the same batches; a run resumed between
+            # boundaries (after a stop request) replays the stream from its boundary up to where it stopped.
+            if state.step % train.checkpoint_every == 0:
+                state.data_start, state.batches_drawn = state.step, 0
+            seed = derive_seed(train.seed, "data", state.data_start)
             loader = iter(make_train_loader(data, config.micro_batch_size, rank, world, seed, stats))
+            for _ in range(state.batches_drawn):
+                next(loader)
         _maybe_inject_fault(config, state.step, rank, world)
         for micro in range(config.grad_accum_steps):
             attempt = 0
             while True:
                 images, labels = next(loader)
+                state.batches_drawn += 1
                 generator = torch.Generator().manual_seed(derive_seed(train.seed, state.step, micro, rank, attempt))
                 # fp32 under every policy: a bf16 input would round uniform dequantization back onto a lattice.
                 x = augment(images, data.noise, data.noise_std, generator).to(device=device, dtype=torch.float32)
@@ -378,8 +432,15 @@ def train_worker(config_dict: dict) -> None:
             window = {"loss": 0.0, "prior_nll": 0.0, "log_det": 0.0, "count": 0, "start": time.time(), "images": 0}
         if (train.sample_every and state.step % train.sample_every == 0) or is_last:
             _save_samples(engine, config, state.step, rank)
-        if state.step % train.checkpoint_every == 0 or is_last:
-            _save_checkpoint(engine, config, state, {"step": state.step, **last_metrics}, ema, rank)
+        # Every rank must agree on stopping at this step, or the next collective would hang.
+        (stop,) = _all_reduce([float(stop_requested(config.run_dir))], device, op=_max_op())
+        if state.step % train.checkpoint_every == 0 or is_last or stop:
+            saved = _save_checkpoint(engine, config, state, {"step": state.step, **last_metrics}, ema, rank)
+        if stop and not is_last:
+            if rank == 0:
+                emit(f"stopped on request at step {state.step}; final checkpoint: {saved}")
+            logger.close()
+            return
     _finish(engine, config, state, logger, rank, device)
     logger.close()
     if not math.isfinite(last_metrics.get("loss", 0.0)):

@@ -1,0 +1,90 @@
+"""Which training failures Ray retries, and what Ctrl-C does: a TorchTrainer with our failure policy and stop handler.
+
+Ray Train V2 retries every worker-group failure up to `FailureConfig.max_failures`. A bad config, bad data, a
+damaged checkpoint or diverged weights fail identically on every retry, so retrying only wastes the cluster and
+buries the message: `RepeatableErrorPolicy` raises those at once and keeps Ray's own accounting for the rest
+(process and node deaths, preemptions). Ray 2.60 has no public hook for a policy, so `ReliableTorchTrainer` swaps it
+in at `_initialize_and_run_controller` (pinned by tests/test_reliability_ray.py).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
+from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+from ray.train.v2.api.exceptions import WorkerGroupError
+
+from ..checkpoint import CheckpointError
+from ..config import ConfigError
+from ..data import DataError
+from .run_state import request_stop
+
+
+def repeatable_errors() -> tuple[type[BaseException], ...]:
+    from .trainer import NonFiniteLossError
+
+    return (ConfigError, DataError, CheckpointError, NonFiniteLossError)
+
+
+def repeatable_failure(error: BaseException) -> BaseException | None:
+    """The first worker error that would repeat on a retry, or None when every failure is worth a retry."""
+    if isinstance(error, WorkerGroupError):
+        for failure in error.worker_failures.values():
+            if isinstance(failure, repeatable_errors()):
+                return failure
+    return None
+
+
+class RepeatableErrorPolicy(DefaultFailurePolicy):
+    """Ray's default policy, except that errors which will repeat are raised without a retry."""
+
+    def make_decision(self, training_failed_error) -> FailureDecision:
+        if repeatable_failure(training_failed_error) is not None:
+            return FailureDecision.RAISE
+        return super().make_decision(training_failed_error)
+
+
+class ReliableTorchTrainer(TorchTrainer):
+    """TorchTrainer that never retries repeatable errors and turns SIGINT/SIGTERM into a clean stop.
+
+    First signal: write the stop request into run_dir; the workers agree on it at the next step boundary, write
+    a final complete checkpoint and return. Second signal: Ray's own abort (the workers are torn down).
+    """
+
+    def __init__(self, *args, stop_dir: str | Path, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._stop_dir = Path(stop_dir)
+        self.stop_signal: int | None = None
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        controller_init_kwargs["failure_policy"] = RepeatableErrorPolicy(self.run_config.failure_config)
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
+        finally:  # restore the caller's handlers (pytest's, an interactive shell's); Ray sets none off the main thread
+            if threading.current_thread() is threading.main_thread():
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
+
+    def _register_sigint_handler(self, controller) -> None:
+        def handler(signum, frame):
+            if self.stop_signal is None:
+                self.stop_signal = signum
+                name = signal.Signals(signum).name
+                request_stop(self._stop_dir, f"{name} on the driver")
+                sys.stderr.write(
+                    f"tarflow-train: {name} received: stopping at the next step boundary after a final checkpoint "
+                    "(send it again to abort without one)\n"
+                )
+                sys.stderr.flush()
+                return
+            super(ReliableTorchTrainer, self)._register_sigint_handler(controller)  # Ray's abort from now on
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, frame)
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)

@@ -1,0 +1,240 @@
+"""Reliability without Ray: config validation before any worker starts, override errors named, atomic writes,
+complete-checkpoint markers, resume/config-change rules, Ray snapshot repair (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+
+from tarflow_scale import atomic
+from tarflow_scale.checkpoint import (
+    COMPLETE_FILE,
+    CheckpointError,
+    IncompleteCheckpointWarning,
+    complete_checkpoints,
+    latest_checkpoint,
+    write_complete_marker,
+)
+from tarflow_scale.config import ConfigError, RunConfig, dump_config, load_config
+from tarflow_scale.training.run_state import RAY_SNAPSHOT, check_resume, record_config, repair_ray_snapshot
+
+
+# -- item 9: every bad value is a ConfigError naming its key, raised by validate() (before Ray starts)
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.global_batch_size=0", "train.global_batch_size"),  # micro_batch_size=0 now means derived
+        ("model.patch_size=0", "model.patch_size"),  # was ZeroDivisionError
+        ("train.global_batch_size=-32", "train.global_batch_size"),
+        ("train.micro_batch_size=-16", "train.micro_batch_size"),
+        ("train.checkpoint_every=0", "train.checkpoint_every"),
+        ("train.log_every=0", "train.log_every"),
+        ("optim.lr=.nan", "optim.lr"),
+        ("optim.lr=.inf", "optim.lr"),
+        ("optim.warmup_steps=-1", "optim.warmup_steps"),
+        ("optim.betas=[0.9,1.5]", "optim.betas"),
+        ("data.noise_std=.nan", "data.noise_std"),
+        ("train.keep_checkpoints=0", "train.keep_checkpoints"),
+        ("cluster.cpus_per_worker=0", "cluster.cpus_per_worker"),
+    ],
+)
+def test_bad_values_are_config_errors_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_missing_resume_from_is_named_on_the_driver(tmp_path):
+    config = load_config(None, [f"run_dir={tmp_path / 'run'}", f"train.resume_from={tmp_path / 'nowhere'}"])
+    with pytest.raises(ConfigError, match="train.resume_from=.*nowhere does not exist"):
+        check_resume(config)
+
+
+# -- item 11: a typo on the command line is reported as an override, not as coming from the YAML file
+def test_override_typo_is_named_as_an_override(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  num_steps: 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, ["train.num_stepz=3"])
+    message = str(info.value)
+    assert message.startswith("command-line override: unknown config key train.num_stepz"), message
+    assert str(recipe) not in message
+    recipe.write_text("train:\n  num_stepz: 5\n")  # the same typo in the file names the file
+    with pytest.raises(ConfigError, match=f"^{recipe}: unknown config key train.num_stepz"):
+        load_config(recipe, [])
+
+
+# -- item 12: atomic writes leave the old file intact when the writer fails (e.g. ENOSPC)
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "config.yaml"
+    atomic.write_text(path, "old\n")
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        dump_config(RunConfig(), path)
+    monkeypatch.undo()
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"], "the temporary file must be removed"
+
+
+def test_project_writers_go_through_atomic_paths():
+    """No module writes a final file in place: every write_text/savez/save_image/save_file goes to a temp path."""
+    package = Path(__file__).resolve().parents[1] / "tarflow_scale"
+    offenders = []
+    for path in package.rglob("*.py"):
+        if "benchmarks" in path.parts or path.name == "atomic.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if any(w in code for w in (".write_text(", "np.savez(", "save_image(", "save_file(", ".save(")):
+                if not any(ok in code for ok in ("tmp", "marker", "atomic.", "buffer", "store.")):  # buffer: memory
+                    offenders.append(f"{path.relative_to(package)}:{number}: {line.strip()}")
+    assert not offenders, offenders
+
+
+# -- item 1: a checkpoint counts only once sealed; partial folders are skipped with a warning naming them
+def fake_checkpoint(run_dir: Path, step: int, num_workers: int = 2, seal: bool = True, **overrides) -> Path:
+    folder = run_dir / f"checkpoint_{step:08d}"
+    folder.mkdir(parents=True)
+    (folder / "latest").write_text(f"step_{step:08d}")
+    (folder / f"step_{step:08d}").mkdir()
+    (folder / f"step_{step:08d}" / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+    config = load_config(None, [f"run_dir={run_dir}", f"cluster.num_workers={num_workers}"])
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        setattr(getattr(config, section), name, value)
+    dump_config(config, folder / "config.yaml")
+    if seal:
+        write_complete_marker(folder, step, num_workers)
+    return folder
+
+
+def test_partial_checkpoints_are_skipped_with_a_warning(tmp_path):
+    good = fake_checkpoint(tmp_path, 10)
+    partial = fake_checkpoint(tmp_path, 20, seal=False)  # the full-disk case: `latest` but no marker
+    truncated = fake_checkpoint(tmp_path, 30)
+    (truncated / "step_00000030" / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
+    with pytest.warns(IncompleteCheckpointWarning) as caught:
+        assert latest_checkpoint(tmp_path) == good
+    messages = " ".join(str(w.message) for w in caught)
+    assert "checkpoint_00000020" in messages and f"no {COMPLETE_FILE}" in messages
+    assert "checkpoint_00000030" in messages and "10 bytes, 100 expected" in messages
+    with pytest.raises(CheckpointError, match="incomplete"):
+        latest_checkpoint(partial)  # named explicitly: refused, never used
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert complete_checkpoints(tmp_path) == [good]
+
+
+# -- items 3 and 4: resume refuses a changed config (listing each key) and a changed world size, on the driver
+def test_resume_refuses_config_changes_and_names_each_key(tmp_path):
+    fake_checkpoint(tmp_path, 10)
+    base = [f"run_dir={tmp_path}", "cluster.num_workers=2"]
+    with pytest.raises(ConfigError) as info:
+        check_resume(load_config(None, [*base, "optim.lr=1e-4", "model.channels=64"]))
+    message = str(info.value)
+    assert "optim.lr: 0.001 -> 0.0001" in message and "model.channels: 128 -> 64" in message
+    assert "--allow-config-change model.channels optim.lr" in message
+    # Safe keys pass and are reported; a deliberate override passes too.
+    plan = check_resume(load_config(None, [*base, "train.num_steps=400", "train.log_every=5"]))
+    assert plan.allowed_changes == {"train.log_every": (10, 5), "train.num_steps": (200, 400)}
+    assert plan.checkpoint.name == "checkpoint_00000010"
+    plan = check_resume(load_config(None, [*base, "optim.lr=1e-4"]), allow_changes=("optim.lr",))
+    assert plan.allowed_changes == {"optim.lr": (1e-3, 1e-4)}
+    with pytest.raises(ConfigError, match="train.num_steps: 200 -> 100"):  # shortening is not safe
+        check_resume(load_config(None, [*base, "train.num_steps=100"]))
+    with pytest.raises(ConfigError, match="no such config key"):
+        check_resume(load_config(None, base), allow_changes=("optim.lrr",))
+
+
+def test_world_size_change_is_refused_before_config_yaml_is_written(tmp_path):
+    fake_checkpoint(tmp_path, 10, num_workers=2)
+    config = load_config(None, [f"run_dir={tmp_path}", "cluster.num_workers=4", "train.global_batch_size=64"])
+    with pytest.raises(ConfigError, match="written by 2 ranks but cluster.num_workers=4"):
+        check_resume(config)
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_each_resume_segment_keeps_its_config(tmp_path):
+    fake_checkpoint(tmp_path, 10)
+    config = load_config(None, [f"run_dir={tmp_path}", "train.log_every=5"])
+    copy = record_config(config, check_resume(config))
+    assert copy.parent.name == "config_history" and copy.name.endswith("_from_step_00000010.yaml")
+    assert load_config(copy).train.log_every == 5
+    assert load_config(tmp_path / "config.yaml").train.log_every == 5
+
+
+# -- item 1: Ray's damaged snapshot is moved aside with a warning instead of failing with a bare JSON error
+@pytest.mark.parametrize("content", ["", "{not json", json.dumps({"latest": {"checkpoint_dir_name": "gone"}})])
+def test_damaged_ray_snapshot_is_moved_aside(tmp_path, content):
+    (tmp_path / RAY_SNAPSHOT).write_text(content)
+    with pytest.warns(UserWarning, match="unusable"):
+        assert repair_ray_snapshot(tmp_path) is not None
+    assert not (tmp_path / RAY_SNAPSHOT).exists()
+    assert list(tmp_path.glob(f"{RAY_SNAPSHOT}.damaged-*"))
+
+
+def test_good_ray_snapshot_is_kept(tmp_path):
+    fake_checkpoint(tmp_path, 10)
+    (tmp_path / RAY_SNAPSHOT).write_text(json.dumps({"latest": {"checkpoint_dir_name": "checkpoint_00000010"}}))
+    assert repair_ray_snapshot(tmp_path) is None
+    assert (tmp_path / RAY_SNAPSHOT).exists()
+
+
+# -- item 10: errors that will repeat are raised at once; only process and node deaths are retried
+def test_repeatable_errors_are_raised_without_retry():
+    from ray.exceptions import ActorDiedError
+    from ray.train import FailureConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from tarflow_scale.data import DataError
+    from tarflow_scale.training.failures import RepeatableErrorPolicy
+    from tarflow_scale.training.trainer import NonFiniteLossError
+
+    # The private hooks ReliableTorchTrainer overrides (Ray 2.60 has no public one): fail loudly if they move.
+    assert callable(TorchTrainer._initialize_and_run_controller) and callable(TorchTrainer._register_sigint_handler)
+    policy = RepeatableErrorPolicy(FailureConfig(max_failures=5))
+    for error in (ConfigError("k"), DataError("shard"), CheckpointError("c"), NonFiniteLossError("nan")):
+        decision = policy.make_decision(WorkerGroupError("x", {1: error, 0: RuntimeError("collateral")}))
+        assert decision == FailureDecision.RAISE, type(error)
+    assert policy.make_decision(WorkerGroupError("x", {0: ActorDiedError()})) == FailureDecision.RETRY
+    assert policy.make_decision(WorkerGroupError("x", {0: RuntimeError("gloo")})) == FailureDecision.RETRY
+
+
+# -- item 10: driver-side errors are one line naming the path, exit code 2, before Ray starts
+def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys):
+    import numpy as np
+
+    from tarflow_scale.cli.train import main
+    from tarflow_scale.data import write_split
+    from tarflow_scale.data.sources import ArraySource
+
+    tiny = ["model.image_size=8", "model.patch_size=2", "model.channels=32", "model.head_dim=16"]
+    assert main([f"data.path={tmp_path / 'nowhere'}", f"run_dir={tmp_path / 'run'}", *tiny]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nowhere/train.json: no manifest" in err
+
+    images = np.zeros((4, 8, 8, 3), np.uint8)
+    write_split(str(tmp_path / "d"), ArraySource(images, np.zeros(4, int), list("abcd"), 0, [], {}), name="t",
+                split="train", progress=False)  # fmt: skip
+    (tmp_path / "file").write_text("")
+    assert main([f"data.path={tmp_path / 'd'}", f"run_dir={tmp_path / 'file' / 'run'}", *tiny]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "file/run is not writable" in err
+    assert main([f"data.path={tmp_path / 'd'}", "train.log_every=0", *tiny]) == 2
+    assert "train.log_every=0 must be >= 1" in capsys.readouterr().err
+
+
+def test_a_torn_metrics_line_is_skipped(tmp_path):
+    """metrics.jsonl is the one append-only file: a kill or full disk mid-line must not break resume or reading."""
+    from tarflow_scale.training.metrics import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n\n{"step": 2, "lo')
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}]
