@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -23,6 +24,8 @@ EMA_FILE = "ema.safetensors"  # EMA weights (when optim.ema_decay > 0), beside t
 EXPORT_FORMAT = "tarflow_scale/1"
 # Wrappers that prefix parameter names: activation checkpointing and torch.compile.
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+# Exports land on shared storage: owner read/write, everyone read (temp files from `tempfile` would be 0600).
+SHARED_FILE_MODE = 0o644
 
 
 class CheckpointError(RuntimeError):
@@ -115,8 +118,13 @@ def save_export(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".partial")
     save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)
+    os.chmod(tmp, SHARED_FILE_MODE)  # readable by colleagues on shared storage, whatever wrote the temp file
     tmp.replace(out_path)  # never leave a half-written export under the final name
-    out_path.with_suffix(".json").write_text(json.dumps(to_dict(run_config.model), indent=2) + "\n")
+    sidecar = out_path.with_suffix(".json")
+    sidecar_tmp = sidecar.with_name(sidecar.name + ".partial")
+    sidecar_tmp.write_text(json.dumps(to_dict(run_config.model), indent=2) + "\n")
+    os.chmod(sidecar_tmp, SHARED_FILE_MODE)
+    sidecar_tmp.replace(sidecar)
     return out_path
 
 
@@ -141,6 +149,29 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> TarFlow:
         raise CheckpointError(f"{path} is not a tarflow_scale export (no {EXPORT_FORMAT} model_config metadata)")
     config = model_config_from_dict(json.loads(metadata["model_config"]))
     return build_model(config, load_file(str(path)), str(path)).to(device).eval()
+
+
+def read_training_config(path: str | Path) -> RunConfig | None:
+    """The training run config embedded in an export, a checkpoint folder or a run directory (None when an
+    older export carries none). Reads no weights."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        return read_run_config(latest_checkpoint(path))
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    if "run_config" not in metadata:
+        return None
+    try:
+        return from_dict(RunConfig, json.loads(metadata["run_config"]))
+    except (ValueError, TypeError):  # an export from an older config schema
+        return None
 
 
 def file_sha256(path: str | Path) -> str:
