@@ -29,6 +29,7 @@ from ..models.tarflow import NULL_LABEL, TarFlow
 from ..models.transformer import TransformerLayer
 from ..sampling import sample_indices, save_grid
 from ..seeding import derive_seed
+from .console import ConsoleOptions, apply_worker_settings
 from .deepspeed_config import build_deepspeed_config, resolve_precision
 from .metrics import MetricsLogger, emit
 from .schedule import make_scheduler
@@ -143,8 +144,8 @@ def _plain_model(engine, config: RunConfig, rank: int) -> TarFlow | None:
     return model.to(next(iter(state.values())).device)
 
 
-def _save_samples(engine, config: RunConfig, step: int, rank: int) -> None:
-    """Rank 0 writes a sample grid from the current weights."""
+def _save_samples(engine, config: RunConfig, step: int, rank: int, logger: MetricsLogger) -> None:
+    """Rank 0 writes a sample grid from the current weights (PNG, and an image in TensorBoard)."""
     model = _plain_model(engine, config, rank)
     if model is None:
         return
@@ -153,9 +154,12 @@ def _save_samples(engine, config: RunConfig, step: int, rank: int) -> None:
     labels = torch.arange(n, device=param.device) % config.model.num_classes if config.model.num_classes else None
     images = sample_indices(model, list(range(n)), seed=config.train.seed, labels=labels)
     save_grid(images, Path(config.run_dir) / "samples" / f"step_{step:08d}.png")
+    logger.log_images("samples", images, step)
 
 
-def _finish(engine, config: RunConfig, state: LoopState, logger: MetricsLogger, rank: int, device, dtype) -> None:
+def _finish(
+    engine, config: RunConfig, state: LoopState, logger: MetricsLogger, rank: int, device, dtype, verbose: bool
+) -> None:
     """Log the engine's log-likelihood on the probe batch and write the slim export from the live weights."""
     x, y = probe_batch(config)
     with torch.no_grad():  # collective under ZeRO-3: every rank runs the probe
@@ -167,7 +171,8 @@ def _finish(engine, config: RunConfig, state: LoopState, logger: MetricsLogger, 
         state_dict = strip_wrapper_prefixes(model.state_dict())
         tag = f"step_{state.step:08d}"
         path = save_export(state_dict, config, Path(config.run_dir) / EXPORT_NAME, "live engine", tag, ema=False)
-        emit(f"exported {path}")
+        if verbose:  # otherwise the driver's summary says where the export is
+            emit(f"exported {path}")
 
 
 def _save_checkpoint(engine, config: RunConfig, state: LoopState, metrics: dict, ema: EMA | None, rank: int) -> None:
@@ -222,6 +227,9 @@ def _resume(engine, config: RunConfig, ema: EMA | None, world: int) -> LoopState
 
 def train_worker(config_dict: dict) -> None:
     """Ray Train's per-worker function; the process group is already initialised by Ray."""
+    config_dict = dict(config_dict)
+    console = ConsoleOptions.from_dict(config_dict.pop("_console", None))
+    apply_worker_settings(console)
     config: RunConfig = from_dict(RunConfig, config_dict).validate()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if config.cluster.use_gpu else "cpu")
     import deepspeed
@@ -249,7 +257,8 @@ def train_worker(config_dict: dict) -> None:
     dtype = torch.bfloat16 if resolve_precision(config) == "bf16" else torch.float32
     ema = EMA(engine.module, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
     state = _resume(engine, config, ema, world)
-    logger = MetricsLogger(config.run_dir, train.num_steps, enabled=rank == 0)
+    # Without --verbose the driver draws the progress from metrics.jsonl: rank 0 writes, but does not print.
+    logger = MetricsLogger(config.run_dir, train.num_steps, enabled=rank == 0, echo=console.verbose)
     stats = DataStats()
     num_dims = config.model.num_dims
     conditional = config.model.num_classes > 0
@@ -333,10 +342,10 @@ def train_worker(config_dict: dict) -> None:
             logger.log(state.step, last_metrics)
             window = {"loss": 0.0, "prior_nll": 0.0, "log_det": 0.0, "count": 0, "start": time.time(), "images": 0}
         if (train.sample_every and state.step % train.sample_every == 0) or is_last:
-            _save_samples(engine, config, state.step, rank)
+            _save_samples(engine, config, state.step, rank, logger)
         if state.step % train.checkpoint_every == 0 or is_last:
             _save_checkpoint(engine, config, state, {"step": state.step, **last_metrics}, ema, rank)
-    _finish(engine, config, state, logger, rank, device, dtype)
+    _finish(engine, config, state, logger, rank, device, dtype, console.verbose)
     logger.close()
     if not math.isfinite(last_metrics.get("loss", 0.0)):
         raise NonFiniteLossError("training ended with a non-finite loss")
