@@ -273,3 +273,15 @@ def test_worker_progress_lines_print_only_when_echoing(tmp_path, capsys):
     MetricsLogger(tmp_path / "b", 10, tensorboard=False, echo=True).log(1, {"loss": 1.0})
     out = capsys.readouterr().out
     assert out.startswith("step 1/10 | loss 1") and "eta ?" not in out
+
+
+def test_eval_console_says_when_the_fid_line_is_a_pipeline_check():
+    from tarflow_scale.cli.eval import summary
+
+    def report(extractor: str) -> dict:
+        fid = {"fid": 0.093, "kid": 0.001, "num_generated": 256, "feature_extractor": extractor}
+        return {"results": {"fid": fid}, "metrics_file": "m.json"}
+
+    check = summary(report("pooled_pixels"))
+    assert "NOT FID" in check and not check.startswith("FID")
+    assert summary(report("inception")).startswith("FID 0.093")
