@@ -285,3 +285,16 @@ def test_eval_console_says_when_the_fid_line_is_a_pipeline_check():
     check = summary(report("pooled_pixels"))
     assert "NOT FID" in check and not check.startswith("FID")
     assert summary(report("inception")).startswith("FID 0.093")
+
+
+def test_every_command_line_option_has_help_text():
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "tarflow_scale"
+    missing = []
+    for path in sorted([*package.glob("cli/*.py"), *package.glob("benchmarks/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            is_option = isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"
+            if is_option and not any(k.arg == "help" for k in node.keywords):
+                missing.append(f"{path.name}:{node.lineno}")
+    assert not missing, f"options without --help text: {missing}"

@@ -92,9 +92,13 @@ COLUMNS = (
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tarflow-bench eval", description=__doc__)
     parser.add_argument("--config", default="configs/tiny.yaml", help="the small config (default configs/tiny.yaml)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="images per call (default 16)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per workload; the fastest counts")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda if available)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-mid", action="store_true", help="only the small config")
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to both configs")
