@@ -242,7 +242,7 @@ def test_quiet_and_verbose_library_settings():
 
     quiet, verbose = ConsoleOptions(), ConsoleOptions(verbose=True)
     assert ray_train_log_level(quiet) == "WARNING" and ray_train_log_level(verbose) == "INFO"
-    assert ray_init_kwargs(quiet)["env_vars"]["RAY_LOGGER_LEVEL"] == "error"
+    assert ray_init_kwargs(quiet)["env_vars"] == {"RAY_LOGGER_LEVEL": "error"}
     assert ray_init_kwargs(verbose)["env_vars"] == {}
     assert ray_init_kwargs(quiet)["log_to_driver"]  # worker warnings and errors still reach the console
     assert ConsoleOptions.from_dict(verbose.to_dict()) == verbose
@@ -298,3 +298,18 @@ def test_every_command_line_option_has_help_text():
             if is_option and not any(k.arg == "help" for k in node.keywords):
                 missing.append(f"{path.name}:{node.lineno}")
     assert not missing, f"options without --help text: {missing}"
+
+
+def test_held_stdout_hides_library_prints_when_quiet_and_replays_them_on_failure(capsys):
+    from tarflow_scale.training.console import ConsoleOptions, held_stdout
+
+    with held_stdout(ConsoleOptions()):
+        print("op built successfully")
+    assert capsys.readouterr().out == ""
+    with pytest.raises(RuntimeError), held_stdout(ConsoleOptions()):
+        print("context for the failure")
+        raise RuntimeError("boom")
+    assert "context for the failure" in capsys.readouterr().err
+    with held_stdout(ConsoleOptions(verbose=True)):
+        print("shown")
+    assert capsys.readouterr().out == "shown\n"

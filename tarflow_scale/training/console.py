@@ -1,15 +1,20 @@
 """What a training run prints: the libraries' logging settings (quiet by default, full with --verbose), colour
 only on a terminal, and one progress display on the driver, fed by rank 0's metrics.jsonl.
 
-Quiet mode uses the libraries' own settings, no output filtering: Ray's driver `logging_level`, Ray's worker
-logger level (`RAY_LOGGER_LEVEL`) and C++ log level (`RAY_BACKEND_LOG_LEVEL`) in the job's runtime env, Ray
-Train's `LoggingConfig(log_level=...)` (hides the per-rank `TrainingReport` echo), `RAY_COLOR_PREFIX=0` off a
-terminal, and on the workers the DeepSpeed and torch loggers' levels. Worker warnings and errors still reach the
-driver; a failing worker raises on the driver with its traceback.
+Quiet mode uses the libraries' own settings: Ray's driver `logging_level`, Ray's worker logger level
+(`RAY_LOGGER_LEVEL` in the job's runtime env: the PlacementGroupCleaner's polling warnings), Ray Train's
+`LoggingConfig(log_level=...)`, `RAY_COLOR_PREFIX=0` off a terminal, and on the workers the levels of the DeepSpeed
+and torch loggers and of the logger Ray Train 2.60 reports checkpoints through (named by its file path, so
+`LoggingConfig` misses it: it echoes every rank's `TrainingReport(...)`). The one filter, a last resort: DeepSpeed
+prints "... built successfully" unconditionally while creating the engine, so stdout is held back during
+`deepspeed.initialize` and shown if it fails. Worker warnings and errors still reach the driver; a failing worker
+raises on the driver with its traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
@@ -17,6 +22,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -59,10 +65,9 @@ def ray_init_kwargs(options: ConsoleOptions) -> dict[str, Any]:
     return {
         "log_to_driver": True,  # worker warnings and errors still reach the console
         "logging_level": logging.ERROR,  # the driver's "ray" logger: no "Started a local Ray instance" chatter
-        "env_vars": {
-            "RAY_LOGGER_LEVEL": "error",  # Ray's Python loggers in workers/actors (PlacementGroupCleaner polling)
-            "RAY_BACKEND_LOG_LEVEL": "fatal",  # Ray's C++ core worker log lines on the actors' stderr
-        },
+        # Ray's Python loggers in workers and actors (the PlacementGroupCleaner polls a State API that a minimal
+        # install lacks, warning every few seconds). Not RAY_BACKEND_LOG_LEVEL: the raylet announces it per worker.
+        "env_vars": {"RAY_LOGGER_LEVEL": "error"},
     }
 
 
@@ -84,10 +89,33 @@ def apply_worker_settings(options: ConsoleOptions) -> None:
         return
     for name in NOISY_WORKER_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        # Ray Train 2.60 logs "Reporting training result ...: TrainingReport(...)" at INFO through
+        # logging.getLogger(__file__), outside the "ray.train" hierarchy its LoggingConfig governs.
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray version: nothing to quieten
+        pass
     import warnings
 
     # torch.distributed deprecation notices raised inside DeepSpeed, once per rank: not actionable for users.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
+@contextlib.contextmanager
+def held_stdout(options: ConsoleOptions) -> Iterator[None]:
+    """Hold back what a library prints to stdout (quiet mode only); replay it on stderr if the block fails."""
+    if options.verbose:
+        yield
+        return
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    except BaseException:
+        sys.stderr.write(buffer.getvalue())
+        raise
 
 
 class TrainingProgress:

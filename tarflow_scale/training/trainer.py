@@ -29,7 +29,7 @@ from ..models.tarflow import NULL_LABEL, TarFlow
 from ..models.transformer import TransformerLayer
 from ..sampling import sample_indices, save_grid
 from ..seeding import derive_seed
-from .console import ConsoleOptions, apply_worker_settings
+from .console import ConsoleOptions, apply_worker_settings, held_stdout
 from .deepspeed_config import build_deepspeed_config, resolve_precision
 from .metrics import MetricsLogger, emit
 from .schedule import make_scheduler
@@ -245,13 +245,14 @@ def train_worker(config_dict: dict) -> None:
     model = TarFlow(config.model)
     if config.deepspeed.activation_checkpointing:
         apply_activation_checkpointing(model)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, config.optim.weight_decay),
-        config=build_deepspeed_config(config),
-        lr_scheduler=partial(make_scheduler, optim=config.optim, num_steps=train.num_steps),
-        dist_init_required=False,
-    )
+    with held_stdout(console):  # DeepSpeed prints op-build notices unconditionally
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, config.optim.weight_decay),
+            config=build_deepspeed_config(config),
+            lr_scheduler=partial(make_scheduler, optim=config.optim, num_steps=train.num_steps),
+            dist_init_required=False,
+        )
     if config.deepspeed.compile:
         engine.compile()
     dtype = torch.bfloat16 if resolve_precision(config) == "bf16" else torch.float32
