@@ -179,14 +179,14 @@ class ClusterConfig:
 class TrainConfig:
     """The training loop. Durations count optimizer steps; the global batch is fixed across world sizes."""
 
-    num_steps: int = 250
+    num_steps: int = 200
     global_batch_size: int = 32
     micro_batch_size: int = 16  # per rank per forward pass; accumulation fills the global batch
     label_dropout: float = 0.1  # class-conditional only: drop to the null label for guidance
     log_every: int = 10
-    checkpoint_every: int = 125
+    checkpoint_every: int = 100
     keep_checkpoints: int = 2
-    sample_every: int = 125  # sample grid PNG (and TensorBoard image) every K steps (0: only at the end)
+    sample_every: int = 100  # sample grid PNG (and TensorBoard image) every K steps (0: only at the end)
     num_samples: int = 16
     max_nonfinite_in_a_row: int = 5
     seed: int = 0
