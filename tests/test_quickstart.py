@@ -242,7 +242,7 @@ def test_quiet_and_verbose_library_settings():
 
     quiet, verbose = ConsoleOptions(), ConsoleOptions(verbose=True)
     assert ray_train_log_level(quiet) == "WARNING" and ray_train_log_level(verbose) == "INFO"
-    assert ray_init_kwargs(quiet)["env_vars"] == {"RAY_LOGGER_LEVEL": "error"}
+    assert ray_init_kwargs(quiet)["env_vars"] == {"RAY_LOGGER_LEVEL": "error", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     assert ray_init_kwargs(verbose)["env_vars"] == {}
     assert ray_init_kwargs(quiet)["log_to_driver"]  # worker warnings and errors still reach the console
     assert ConsoleOptions.from_dict(verbose.to_dict()) == verbose

@@ -3,7 +3,7 @@ only on a terminal, and one progress display on the driver, fed by rank 0's metr
 
 Quiet mode uses the libraries' own settings: Ray's driver `logging_level`, Ray's worker logger level
 (`RAY_LOGGER_LEVEL` in the job's runtime env: the PlacementGroupCleaner's polling warnings), Ray Train's
-`LoggingConfig(log_level=...)`, `RAY_COLOR_PREFIX=0` off a terminal, and on the workers the levels of the DeepSpeed
+`LoggingConfig(log_level=...)` and its print patch (`RAY_TRAIN_ENABLE_PRINT_PATCH=0`), `RAY_COLOR_PREFIX=0` off a terminal, and on the workers the levels of the DeepSpeed
 and torch loggers and of the logger Ray Train 2.60 reports checkpoints through (named by its file path, so
 `LoggingConfig` misses it: it echoes every rank's `TrainingReport(...)`). The one filter, a last resort: DeepSpeed
 prints "... built successfully" unconditionally while creating the engine, so stdout is held back during
@@ -65,9 +65,15 @@ def ray_init_kwargs(options: ConsoleOptions) -> dict[str, Any]:
     return {
         "log_to_driver": True,  # worker warnings and errors still reach the console
         "logging_level": logging.ERROR,  # the driver's "ray" logger: no "Started a local Ray instance" chatter
-        # Ray's Python loggers in workers and actors (the PlacementGroupCleaner polls a State API that a minimal
-        # install lacks, warning every few seconds). Not RAY_BACKEND_LOG_LEVEL: the raylet announces it per worker.
-        "env_vars": {"RAY_LOGGER_LEVEL": "error"},
+        "env_vars": {
+            # Ray's Python loggers in workers and actors (the PlacementGroupCleaner polls a State API that a
+            # minimal install lacks, warning every few seconds). Not RAY_BACKEND_LOG_LEVEL: each worker's C++
+            # logging announces that variable with a line of its own.
+            "RAY_LOGGER_LEVEL": "error",
+            # Ray Train turns every print() in a worker into an INFO record of the root logger, which no
+            # redirect of stdout can hold back; off, prints are plain stdout again (still forwarded to the driver).
+            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        },
     }
 
 
