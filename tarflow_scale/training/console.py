@@ -1,14 +1,14 @@
 """What a training run prints: the libraries' logging settings (quiet by default, full with --verbose), colour
 only on a terminal, and one progress display on the driver, fed by rank 0's metrics.jsonl.
 
-Quiet mode uses the libraries' own settings: Ray's driver `logging_level`, Ray's worker logger level
-(`RAY_LOGGER_LEVEL` in the job's runtime env: the PlacementGroupCleaner's polling warnings), Ray Train's
-`LoggingConfig(log_level=...)` and its print patch (`RAY_TRAIN_ENABLE_PRINT_PATCH=0`), `RAY_COLOR_PREFIX=0` off a terminal, and on the workers the levels of the DeepSpeed
-and torch loggers and of the logger Ray Train 2.60 reports checkpoints through (named by its file path, so
-`LoggingConfig` misses it: it echoes every rank's `TrainingReport(...)`). The one filter, a last resort: DeepSpeed
-prints "... built successfully" unconditionally while creating the engine, so stdout is held back during
-`deepspeed.initialize` and shown if it fails. Worker warnings and errors still reach the driver; a failing worker
-raises on the driver with its traceback.
+Quiet mode uses the libraries' own settings: Ray's driver `logging_level`; Ray's worker logger level
+(`RAY_LOGGER_LEVEL` in the job's runtime env: the PlacementGroupCleaner's polling warnings); Ray Train's
+`LoggingConfig(log_level=...)` and its print patch (`RAY_TRAIN_ENABLE_PRINT_PATCH=0`); `RAY_COLOR_PREFIX=0` off a
+terminal; on the workers, the levels of the DeepSpeed and torch loggers and of the logger Ray Train 2.60 reports
+checkpoints through (named by its file path, so `LoggingConfig` misses it: it echoes every rank's
+`TrainingReport(...)`). The one filter, a last resort: DeepSpeed prints "... built successfully" unconditionally
+while creating the engine, so stdout is held back during `deepspeed.initialize` and shown if it fails. Worker
+warnings and errors still reach the driver; a failing worker raises on the driver with its traceback.
 """
 
 from __future__ import annotations
