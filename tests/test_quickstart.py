@@ -313,3 +313,41 @@ def test_held_stdout_hides_library_prints_when_quiet_and_replays_them_on_failure
     with held_stdout(ConsoleOptions(verbose=True)):
         print("shown")
     assert capsys.readouterr().out == "shown\n"
+
+
+def test_evaluation_metrics_and_grids_go_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tarflow_scale.evaluation.report import write_tensorboard
+    from tarflow_scale.sampling import save_grid
+
+    grid = save_grid(torch.zeros(4, 3, SIZE, SIZE), tmp_path / "samples.png")
+    report = {
+        "checkpoint": {"metadata": {"tag": "step_00000200"}},
+        "results": {
+            "bpd": {"dequantized": {"mean": 3.7, "stderr": 0.03}},
+            "sample": {"files": {"grid": str(grid)}},
+            "fid": {"fid": 0.09, "kid": 0.001, "feature_extractor": "pooled_pixels"},
+        },
+    }
+    events = EventAccumulator(str(write_tensorboard(report, tmp_path)))
+    events.Reload()
+    tags = events.Tags()
+    assert set(tags["scalars"]) == {"eval/bpd_dequantized", "eval/pipeline_check/fid", "eval/pipeline_check/kid"}
+    (scalar,) = events.Scalars("eval/bpd_dequantized")
+    assert scalar.step == 200 and scalar.value == pytest.approx(3.7)
+    assert tags["images"] == ["eval/samples"]
+
+
+def test_training_sample_grids_go_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tarflow_scale.training.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, 10, echo=False)
+    logger.log_images("samples", torch.rand(4, 3, SIZE, SIZE) * 2 - 1, step=5)
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    (image,) = events.Images("samples")
+    assert image.step == 5 and image.width > SIZE
