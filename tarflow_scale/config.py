@@ -51,7 +51,9 @@ class TarFlowConfig:
     # Invertible linear layer on each token's D features between consecutive blocks (tarflow_scale/mixing.py):
     # none; a fixed random permutation (log-det 0); or CDFlow, W = D_0 C_0 ... C_{m-1} D_m with circulant C_j
     # applied by FFT, identity at init. The blocks' sequence flip is kept either way (autoregressive order).
-    mixer: Literal["none", "permute", "cdflow"] = "cdflow"
+    # The default stays "none" so model configs written before mixers existed load as what they were; the
+    # quickstart run sets cdflow (RunConfig's default model, `quickstart_model`).
+    mixer: Literal["none", "permute", "cdflow"] = "none"
     mixer_factors: int = 2  # cdflow: m circulant factors (and m + 1 diagonals), (2m + 1) D parameters per mixer
 
     @property
@@ -254,12 +256,17 @@ class EvalConfig:
             raise ConfigError("eval.progress_every_s must be > 0")
 
 
+def quickstart_model() -> TarFlowConfig:
+    """The model of the built-in run (configs/tiny.yaml): TarFlowConfig's defaults plus CDFlow mixing."""
+    return TarFlowConfig(mixer="cdflow")
+
+
 @dataclass
 class RunConfig:
     """Everything one run needs; dumped as `config.yaml` into the run directory."""
 
     run_dir: str = "runs/tiny"
-    model: TarFlowConfig = field(default_factory=TarFlowConfig)
+    model: TarFlowConfig = field(default_factory=quickstart_model)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -449,9 +456,14 @@ def read_yaml_mapping(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = RunConfig) -> Any:
-    """Defaults, then the YAML file at `path`, then dotted `overrides`; validated."""
+    """Defaults, then the YAML file at `path`, then dotted `overrides`; validated.
+
+    The defaults are `cls()` as a tree, so a partial section keeps the run's defaults for the keys it does not
+    name (RunConfig's default model differs from a bare TarFlowConfig in its mixer).
+    """
     tree = read_yaml_mapping(path) if path is not None else {}
     tree = _merge(tree, parse_overrides(overrides or []))
+    tree = _merge(to_dict(cls()), tree)
     try:
         config = from_dict(cls, tree)
     except ConfigError as e:
