@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -22,6 +23,7 @@ from .config import RunConfig, TarFlowConfig, from_dict, to_dict
 from .models.tarflow import TarFlow
 from .weights import (
     EXPORT_FORMAT,
+    SHARED_FILE_MODE,
     WEIGHTS_FILE,
     CheckpointError,
     export_model_config,
@@ -192,8 +194,9 @@ def save_export(
         "weights": "ema" if ema else "raw",
         **(extra or {}),
     }
-    out_path = write_weights(out_path, state, metadata)
+    out_path = write_weights(out_path, state, metadata)  # readable by others: mode SHARED_FILE_MODE
     atomic.write_text(out_path.with_suffix(".json"), json.dumps(to_dict(run_config.model), indent=2) + "\n")
+    os.chmod(out_path.with_suffix(".json"), SHARED_FILE_MODE)
     return out_path
 
 
@@ -301,6 +304,29 @@ def find_metrics(source: Path) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def read_training_config(path: str | Path) -> RunConfig | None:
+    """The training run config embedded in an export, a checkpoint folder or a run directory (None when an
+    older export carries none). Reads no weights."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        return read_run_config(latest_checkpoint(path))
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    if "run_config" not in metadata:
+        return None
+    try:
+        return from_dict(RunConfig, json.loads(metadata["run_config"]))
+    except (ValueError, TypeError):  # an export from an older config schema
+        return None
 
 
 def file_sha256(path: str | Path) -> str:

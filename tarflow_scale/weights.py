@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from . import atomic
 from .config import TarFlowConfig, model_config_from_dict
 
 EXPORT_FORMAT = "tarflow_scale/1"
+SHARED_FILE_MODE = 0o644  # owner read/write, everyone read
 CHECKSUM_KEY = "weights_sha256"
 # A model directory (save_pretrained, `tarflow-export --format dir`): the Hugging Face Hub layout.
 CONFIG_JSON = "config.json"
@@ -49,6 +51,7 @@ def write_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: di
     path = Path(path)
     with atomic.atomic_path(path) as tmp:  # never a half-written file under the final name
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, SHARED_FILE_MODE)  # exports live on shared storage: readable by colleagues
     return path
 
 

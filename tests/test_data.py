@@ -435,14 +435,17 @@ def small_bundled(monkeypatch, tmp_path):
 
 
 def test_bundled_builds_on_first_use_and_loads(small_bundled):
-    root = resolve_data_path(DataConfig())
+    said: list[str] = []
+    root = resolve_data_path(DataConfig(), announce=said.append)
     assert root == str(small_bundled)
+    assert len(said) == 2 and said[0].startswith("building the bundled dataset") and "ready" in said[1]
     train, val = read_manifest(root, "train"), read_manifest(root, "val")
     n = len(bundled.PHOTOS)
     assert (train.num_samples, val.num_samples, train.num_classes) == (8 * n, 4 * n, n)
     assert train.class_names == list(bundled.PHOTOS) and (train.image_size, train.channels) == (64, 3)
     mtime = os.stat(os.path.join(root, "train.json")).st_mtime_ns
-    assert resolve_data_path(DataConfig()) == root and os.stat(os.path.join(root, "train.json")).st_mtime_ns == mtime
+    assert resolve_data_path(DataConfig(), announce=said.append) == root and len(said) == 2  # built: silent
+    assert os.stat(os.path.join(root, "train.json")).st_mtime_ns == mtime
     x, y = next(iter(make_train_loader(DataConfig(num_workers=0), 16, rank=0, world_size=1, seed=0)))
     assert x.shape == (16, 3, 64, 64) and 0 <= y.min() and y.max() < n
     labels = torch.cat([y for _, y, _ in make_eval_loader(DataConfig(num_workers=0), 64, 0, 1)])

@@ -99,7 +99,7 @@ def test_evaluation_survives_a_lost_node_with_the_exact_fid(cluster, dataset, tm
     export = save_export(model.state_dict(), run, tmp_path / "m.safetensors", source="test", tag="t", ema=False)
     info = inspect_checkpoint(export)
     overrides = [
-        "eval.jobs=[fid_stats,fid]", "eval.num_workers=2", "eval.batch_size=2", "eval.fid_num_samples=256",
+        "eval.jobs=[fid_stats,fid]", "cluster.num_workers=2", "eval.batch_size=2", "eval.fid_num_samples=256",
         "eval.kid_max_features=16", "eval.fid_feature_extractor=pooled_pixels", "eval.progress_every_s=60",
         f"eval.fid_reference={tmp_path / 'ref.npz'}", "data.num_workers=0", "cluster.cpus_per_worker=1",
     ]  # fmt: skip

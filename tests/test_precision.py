@@ -87,7 +87,7 @@ def test_bf16_policy_log_prob_matches_fp32_within_tolerance():
     ("overrides", "expected"),
     [
         ([], "fp32"),  # CPU
-        (["cluster.use_gpu=true"], "bf16"),  # Gaussian noise on GPU
+        (["cluster.use_gpu=true", "data.noise=gaussian"], "bf16"),  # Gaussian noise on GPU
         (["cluster.use_gpu=true", "data.noise=uniform"], "fp32"),  # density: bits/dim must stay a bound
         (["cluster.use_gpu=true", "data.noise=uniform", "deepspeed.precision=bf16"], "bf16"),  # forced: warns
         (["cluster.use_gpu=true", "deepspeed.precision=fp32"], "fp32"),

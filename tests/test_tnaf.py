@@ -343,9 +343,12 @@ def test_study_config_loads_with_sizes_for_the_study(tmp_path):
     assert abs(maf / tarflow - 1) < 0.1, "the MAF baseline should match the TarFlow's parameter count"
     with pytest.raises(ConfigError, match=r"tnaf\.num_dims=10 must equal"):
         load_config(STUDY_CONFIG, ["tnaf.num_dims=10"], cls=TNAFRunConfig)
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("tarflow:\n  patch_size: 2\n")  # the other keys keep the run's 8x8 geometry
+    assert load_config(partial, cls=TNAFRunConfig).tarflow.image_size == 8
     bad = tmp_path / "bad.yaml"
-    bad.write_text("tarflow:\n  patch_size: 1\n")  # image_size falls back to TarFlowConfig's 64
-    with pytest.raises(ConfigError, match="tarflow.image_size=64"):
+    bad.write_text("tarflow:\n  image_size: 16\n  patch_size: 1\n")
+    with pytest.raises(ConfigError, match="tarflow.image_size=16"):
         load_config(bad, cls=TNAFRunConfig)
 
 

@@ -61,6 +61,7 @@ def run_config(dataset: Path, run_dir: Path, *overrides: str):
             "data.image_size=0",
             "data.shuffle_buffer=16",
             "data.num_workers=0",
+            "data.noise=gaussian",  # the non-finite test injects an infinite noise_std
             "model.image_size=8",
             "model.patch_size=2",
             "model.channels=32",

@@ -34,9 +34,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tarflow-bench data", description=__doc__)
     parser.add_argument("--path", default="bundled", help="data.path (default: the bundled dataset)")
     parser.add_argument("--image-size", type=int, default=0, help="data.image_size (0: the shards' size)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--num-batches", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="DataLoader worker counts to measure (default 0 1 2)",
+    )
+    parser.add_argument("--num-batches", type=int, default=50, help="batches timed per setting (default 50)")
     parser.add_argument(
         "--steps-per-s", type=float, default=None, help="measured training steps/s per rank, to show the headroom"
     )

@@ -137,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         "--denoise-batch-size", type=int, default=-1, help="eval.denoise_batch_size (default: the config's; 0: all)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per workload; the fastest counts")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda if available)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-mid", action="store_true", help="only the small config")
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to both configs")

@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bpd-batch", type=int, default=256, help="bits/dim batch")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per setting")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 dense peak of this GPU, TFLOP/s")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if any)"
+    )
     parser.add_argument(
         "--only", default="train,memory,tf32,sample,bpd", help="comma-separated parts: train,memory,tf32,sample,bpd"
     )

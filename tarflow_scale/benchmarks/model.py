@@ -86,9 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tarflow-bench model", description=__doc__)
     parser.add_argument("--config", help="YAML run config (default: the built-in tiny run)")
     parser.add_argument("--batch-size", type=int, default=0, help="training batch (default: the config's micro-batch)")
-    parser.add_argument("--sample-batch-size", type=int, default=16)
+    parser.add_argument("--sample-batch-size", type=int, default=16, help="images per sampling call (default 16)")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda if available)",
+    )
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-data", action="store_true", help="skip the loader throughput (needs data.path)")

@@ -18,8 +18,8 @@ from tarflow_scale.training.metrics import read_metrics
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tarflow-bench zero", description=__doc__)
     parser.add_argument("--config", help="YAML run config (default: the built-in tiny run)")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--steps", type=int, default=30, help="training steps per ZeRO stage (default 30)")
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], help="ZeRO stages to run (default 1 2 3)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. cluster.num_workers=2")
     args = parser.parse_args(argv)
     from tarflow_scale.training.cluster import init_ray, launch

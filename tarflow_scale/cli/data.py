@@ -15,10 +15,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder for the shards and <split>.json")
     p.add_argument("--split", required=True, help="split name, e.g. train or val")
     p.add_argument("--name", default=None, help="shard name prefix (default: imagenet64 / the folder's name)")
-    p.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD)
+    p.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=DEFAULT_SAMPLES_PER_SHARD,
+        help=f"images per .tar shard (default {DEFAULT_SAMPLES_PER_SHARD})",
+    )
     p.add_argument("--size", type=int, default=64, help="image side, pixels")
     p.add_argument("--procs", type=int, default=os.cpu_count() or 1, help="encoding processes")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in batch logs)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert-npz", help="official downsampled-ImageNet .npz batches -> shards")
     p.add_argument("src", nargs="+", help="train_data_batch_1.npz ... or val_data.npz")
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--num-classes", type=int, default=1000, help="classes in the labels (default 1000)")
     _common(p)
 
     p = sub.add_parser("convert-folder", help="an image folder (one subfolder per class) -> shards")
@@ -40,11 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("bundled", help="build the bundled dataset (photo crops from scikit-image/-learn)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--procs", type=int, default=1)
+    p.add_argument("--out", required=True, help="output folder for the shards and manifests")
+    p.add_argument("--procs", type=int, default=1, help="encoding processes (default 1)")
 
     p = sub.add_parser("verify", help="check shards against their manifest checksums and sample counts")
-    p.add_argument("dir")
+    p.add_argument("dir", help="dataset folder holding the shards and <split>.json manifests")
     p.add_argument("--split", default=None, help="one split (default: every <split>.json in DIR)")
     return parser
 

@@ -73,7 +73,13 @@ def summary(report: dict) -> str:
     if "fid" in results:
         r = results["fid"]
         kid = "n/a" if r["kid"] is None else f"{r['kid']:.5f}"
-        lines.append(f"FID {r['fid']:.3f}, KID {kid} ({r['num_generated']} samples, {r['feature_extractor']})")
+        if r["feature_extractor"] == "inception":
+            lines.append(f"FID {r['fid']:.3f}, KID {kid} ({r['num_generated']} samples, inception)")
+        else:  # the quick preset's pooled-pixel features: the same code path, but these numbers are not FID
+            lines.append(
+                f"pipeline check (NOT FID: {r['feature_extractor']} features, not Inception): Frechet distance "
+                f"{r['fid']:.3f}, kernel distance {kid} ({r['num_generated']} samples)"
+            )
     lines.append(f"metrics: {report['metrics_file']}")
     return "\n".join(lines)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,11 +213,12 @@ def _file_lock(path: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def resolve_data_path(cfg: DataConfig) -> str:
+def resolve_data_path(cfg: DataConfig, announce: Callable[[str], None] | None = None) -> str:
     """The dataset root (a folder or URL prefix) that `cfg.path` names; "bundled" builds the bundled dataset
     on first use. Concurrent callers (ranks, nodes) are safe: a file lock lets one build while the others
     wait, and where the lock does not reach (some network file systems) every file is written under a temp
-    name and renamed, with byte-identical content whoever writes it."""
+    name and renamed, with byte-identical content whoever writes it. `announce(line)`, when given, hears when a
+    build starts and ends (the first run waits for it)."""
     if cfg.path != BUNDLED_PATH:
         return cfg.path if is_url(cfg.path) else os.path.abspath(os.path.expanduser(cfg.path))
     root = bundled_dir()
@@ -224,6 +227,17 @@ def resolve_data_path(cfg: DataConfig) -> str:
     os.makedirs(os.path.dirname(root), exist_ok=True)
     with _file_lock(root + ".lock"):
         if not _is_built(root):
-            # Recipe sizes read now (not as bound defaults), so tests can shrink them.
-            build_bundled(root, num_train_per_photo=NUM_TRAIN_PER_PHOTO, num_val_per_photo=NUM_VAL_PER_PHOTO)
+            started = time.time()
+            total = len(PHOTOS) * (NUM_TRAIN_PER_PHOTO + NUM_VAL_PER_PHOTO)
+            if announce is not None:
+                announce(f"building the bundled dataset ({total} crops of {len(PHOTOS)} photos, first use): {root}")
+            # Recipe sizes read now (not as bound defaults), so tests can shrink them. A shard bar on a terminal.
+            build_bundled(
+                root,
+                num_train_per_photo=NUM_TRAIN_PER_PHOTO,
+                num_val_per_photo=NUM_VAL_PER_PHOTO,
+                progress=announce is not None and sys.stderr.isatty(),
+            )
+            if announce is not None:
+                announce(f"bundled dataset ready in {time.time() - started:.0f}s")
     return root

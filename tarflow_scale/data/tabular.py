@@ -129,9 +129,8 @@ def _digits_tarflow() -> TarFlowConfig:
 class TNAFRunConfig:
     """T-NAF vs TarFlow (as 1 x 8 x 8 images) vs MAF on one tabular data set; dumped into run_dir.
 
-    Caution: a YAML section replaces the defaults below key by key from the *class* defaults of its dataclass
-    (TarFlowConfig's image_size is 64), so a `tarflow:` section must spell out its geometry; `validate`
-    checks that every model has the data's dimension.
+    `load_config` layers a YAML section over the defaults below (a `tarflow:` section naming only patch_size keeps
+    the 8 x 8 geometry); `validate` checks that every model has the data's dimension.
     """
 
     run_dir: str = "runs/tnaf_digits"

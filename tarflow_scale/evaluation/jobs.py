@@ -31,7 +31,7 @@ from . import fid as fidlib
 from .bpd import batch_bits_per_dim, summarize
 from .denoise import tweedie_denoise
 from .generate import SampleSettings, generate
-from .report import build_report, write_report
+from .report import build_report, write_report, write_tensorboard
 from .resolve import CheckpointInfo, TrainingNoise, training_noise
 from .units import UnitStore, model_fingerprint
 
@@ -722,6 +722,7 @@ def evaluate(
     report = build_report(config, checkpoint, noise, results, cluster, time.perf_counter() - start, argv)
     report["metrics_file"] = str(out_dir / METRICS_FILE)
     write_report(report, out_dir / METRICS_FILE)
+    write_tensorboard(report, out_dir)  # the same numbers and grids, viewable beside the training curves
     return report
 
 

@@ -86,3 +86,53 @@ def write_report(report: dict[str, Any], path: str | Path) -> Path:
     tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def _training_step(report: dict[str, Any]) -> int:
+    """The checkpoint's training step from its tag ("step_00000200" -> 200); 0 when unknown."""
+    tag = str(report.get("checkpoint", {}).get("metadata", {}).get("tag", ""))
+    digits = tag.rsplit("_", 1)[-1]
+    return int(digits) if digits.isdigit() else 0
+
+
+def tensorboard_scalars(report: dict[str, Any]) -> dict[str, float]:
+    """The headline numbers under TensorBoard tags; a pooled-pixel "FID" is tagged as the pipeline check it is."""
+    results, scalars = report.get("results", {}), {}
+    for name, value in results.get("bpd", {}).items():
+        if isinstance(value, dict) and "mean" in value:
+            scalars[f"eval/bpd_{name}"] = value["mean"]
+    fid = results.get("fid")
+    if fid:
+        prefix = "eval" if fid.get("feature_extractor") == "inception" else "eval/pipeline_check"
+        scalars[f"{prefix}/fid"] = fid["fid"]
+        if fid.get("kid") is not None:
+            scalars[f"{prefix}/kid"] = fid["kid"]
+    if "denoise" in results:
+        scalars["eval/denoise_rms_change"] = results["denoise"]["rms_change"]
+    return scalars
+
+
+def write_tensorboard(report: dict[str, Any], out_dir: str | Path) -> Path | None:
+    """Mirror the report into `out_dir/tensorboard`: scalars at the checkpoint's step and the sample grids."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(out_dir) / "tensorboard"
+    step = _training_step(report)
+    writer = SummaryWriter(str(folder))
+    try:
+        for tag, value in tensorboard_scalars(report).items():
+            writer.add_scalar(tag, value, step)
+        results = report.get("results", {})
+        grids = {"eval/samples": results.get("sample", {}).get("files", {}).get("grid")}
+        grids["eval/samples_denoised"] = results.get("denoise", {}).get("files", {}).get("denoised_grid")
+        for tag, path in grids.items():
+            if path and Path(path).is_file():
+                writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+    finally:
+        writer.close()
+    return folder

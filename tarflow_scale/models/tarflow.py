@@ -295,8 +295,19 @@ class TarFlow(
         attn_temp: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Draw images: z ~ prior (or the standard-normal noise given as `n_or_z`, scaled by the prior), then invert."""
+        """Draw images: z ~ prior (or the standard-normal noise given as `n_or_z`, scaled by the prior), then invert.
+
+        A class-conditional model guided (guidance != 0) needs labels `y`: without them the guiding pass would
+        extrapolate the null label against itself. (Without labels, attention-temperature guidance, attn_temp != 1,
+        is still meaningful: the null-label model against itself at another temperature.)
+        """
         c = self.config
+        if guidance != 0.0 and c.num_classes and y is None and attn_temp == 1.0:
+            raise ValueError(
+                f"guidance={guidance} on a class-conditional model ({c.num_classes} classes) needs labels: pass "
+                f"y=torch.tensor([...]) (one class per sample), or class-balanced ones, y=torch.arange(n) % "
+                f"{c.num_classes} (tarflow_scale.sampling.sample_images(..., labels='balanced') does this)"
+            )
         if isinstance(n_or_z, int):
             param = next(self.parameters())
             shape = (n_or_z, c.in_channels, c.image_size, c.image_size)

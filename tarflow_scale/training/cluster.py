@@ -1,14 +1,57 @@
-"""Ray side of training: start or join a cluster, run `train_worker` on N workers, export the result."""
+"""Ray side of training: start or join a cluster, run `train_worker` on N workers, report how the launch went."""
 
 from __future__ import annotations
 
 import os
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from ..checkpoint import EXPORT_NAME, checkpoint_step, complete_checkpoints
 from ..config import ConfigError, RunConfig, local_run_dir, to_dict
 from ..data import check_shard_sizes, read_manifest, resolve_data_path
+from .console import (
+    ConsoleOptions,
+    TrainingProgress,
+    apply_driver_settings,
+    ray_init_kwargs,
+    ray_train_log_level,
+)
 
 DEFAULT_EXTENSIONS_DIR = Path.home() / ".cache" / "tarflow_scale" / "torch_extensions"
+CONSOLE_KEY = "_console"  # ConsoleOptions ride along in the train loop config under this key
+
+
+@dataclass
+class LaunchOutcome:
+    """What `launch` did: trained (from `start_step` to `end_step`), or found the run already finished."""
+
+    run_dir: Path
+    already_finished: bool
+    start_step: int
+    end_step: int
+    seconds: float  # wall-clock of the Ray Train fit (0 when already finished)
+    result: Any = None  # Ray's Result
+
+
+def checkpoint_steps(run_dir: str | Path) -> list[int]:
+    """Steps of the complete checkpoints (sealed by their completeness marker) in a run directory, ascending."""
+    return [checkpoint_step(path) for path in complete_checkpoints(run_dir, warn=False)]
+
+
+def finished_step(config: RunConfig) -> int | None:
+    """The step a finished run stopped at, or None when there is training (or the final export) left to do.
+
+    Finished means: a complete checkpoint at or beyond `train.num_steps` and the export written. Raising
+    `train.num_steps` makes the run unfinished again (it resumes from its newest checkpoint).
+    """
+    run_dir = Path(config.run_dir)
+    steps = checkpoint_steps(run_dir)
+    if not steps or steps[-1] < config.train.num_steps or not (run_dir / EXPORT_NAME).is_file():
+        return None
+    return steps[-1]
 
 
 def check_data_matches_model(config: RunConfig) -> None:
@@ -29,16 +72,25 @@ def check_data_matches_model(config: RunConfig) -> None:
         )
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, console: ConsoleOptions | None = None) -> None:
     """Join `address` (or RAY_ADDRESS); with neither, start a fresh embedded local cluster."""
     import ray
 
     if ray.is_initialized():
         return
+    console = console or ConsoleOptions()
+    apply_driver_settings(console)
+    settings = ray_init_kwargs(console)
     # Workers JIT-build DeepSpeed's CPU comm op once; keep it out of the temp dir so later runs reuse it.
     env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(DEFAULT_EXTENSIONS_DIR))}
+    env.update(settings["env_vars"])
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+    ray.init(
+        address=address,
+        runtime_env={"env_vars": env},
+        log_to_driver=settings["log_to_driver"],
+        logging_level=settings["logging_level"],
+    )
 
 
 def prepare_run_dir(run_dir: Path) -> None:
@@ -53,43 +105,65 @@ def prepare_run_dir(run_dir: Path) -> None:
         raise ConfigError(f"run_dir={run_dir} is not writable: {e.strerror or e}") from None
 
 
-def launch(config: RunConfig, address: str | None = None, allow_config_change: tuple[str, ...] = ()):
-    """Train `config` with Ray Train + DeepSpeed; resumes when `run_dir` already holds checkpoints.
+def _say(message: str) -> None:
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+def launch(
+    config: RunConfig,
+    address: str | None = None,
+    allow_config_change: tuple[str, ...] = (),
+    console: ConsoleOptions | None = None,
+) -> LaunchOutcome:
+    """Train `config` with Ray Train + DeepSpeed; resumes when `run_dir` already holds checkpoints, and returns at
+    once (before Ray starts) when the run already finished.
 
     Everything that would fail the same way in every worker is checked here first (config, data, run_dir, the
-    config and world size of the checkpoint it resumes from). Returns Ray's `Result`; raises RunStopped after a
-    SIGINT/SIGTERM stop, and a repeatable worker error (ConfigError, DataError, ...) as itself, unretried.
-    At the end the trainer writes `run_dir/model.safetensors` from the live weights.
+    config and world size of the checkpoint it resumes from). Raises RunStopped after a SIGINT/SIGTERM stop, and a
+    repeatable worker error (ConfigError, DataError, ...) as itself, unretried. At the end the trainer writes
+    `run_dir/model.safetensors` from the live weights.
     """
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    console = console or ConsoleOptions()
+    config.validate()
+    run_dir = local_run_dir(config.run_dir).resolve()  # accepts file:// URIs
+    config.run_dir = str(run_dir)
+    done = finished_step(config)
+    if done is not None:
+        return LaunchOutcome(run_dir, True, done, done, 0.0)
+    previous = checkpoint_steps(run_dir)
+    start_step = previous[-1] if previous else 0
+
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
 
-    from ..checkpoint import complete_checkpoints
     from .failures import ReliableTorchTrainer, repeatable_failure
     from .run_state import RunStopped, check_resume, clear_stop, record_config, repair_ray_snapshot, stop_requested
     from .trainer import train_worker
 
-    config.validate()
-    run_dir = local_run_dir(config.run_dir).resolve()  # accepts file:// URIs
-    config.run_dir = str(run_dir)
-    config.data.path = resolve_data_path(config.data)
+    config.data.path = resolve_data_path(config.data, announce=_say)
     check_data_matches_model(config)
     plan = check_resume(config, tuple(allow_config_change))
     for key, (old, new) in plan.allowed_changes.items():
-        print(f"tarflow-train: config change on resume: {key}: {old!r} -> {new!r}", flush=True)
+        _say(f"tarflow-train: config change on resume: {key}: {old!r} -> {new!r}")
     prepare_run_dir(run_dir)
     repair_ray_snapshot(run_dir)
     clear_stop(run_dir)
     record_config(config, plan)
 
-    init_ray(address or config.cluster.address)
+    where = f"resuming from step {start_step}" if start_step else "from scratch"
+    _say(
+        f"training {run_dir.name}: {config.train.num_steps} steps, {config.cluster.num_workers} workers "
+        f"({'GPU' if config.cluster.use_gpu else 'CPU'}), {where}; starting Ray and DeepSpeed..."
+    )
+    init_ray(address or config.cluster.address, console)
     resources = {"CPU": config.cluster.cpus_per_worker}
     if config.cluster.use_gpu:
         resources["GPU"] = 1
     trainer = ReliableTorchTrainer(
         train_worker,
         stop_dir=run_dir,
-        train_loop_config=to_dict(config),
+        train_loop_config={**to_dict(config), CONSOLE_KEY: console.to_dict()},
         scaling_config=ScalingConfig(
             num_workers=config.cluster.num_workers, use_gpu=config.cluster.use_gpu, resources_per_worker=resources
         ),
@@ -98,8 +172,14 @@ def launch(config: RunConfig, address: str | None = None, allow_config_change: t
             storage_path=run_dir.parent.as_uri(),  # Ray Train's storage (pyarrow fs) on the shared path
             failure_config=FailureConfig(max_failures=config.cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+            logging_config=LoggingConfig(log_level=ray_train_log_level(console)),
         ),
     )
+    progress = None
+    if not console.verbose:  # verbose: rank 0 prints its own progress lines
+        progress = TrainingProgress(run_dir / "metrics.jsonl", config.train.num_steps, console.progress_every_s)
+        progress.start()
+    started = time.time()
     try:
         result = trainer.fit()
     except Exception as e:
@@ -107,13 +187,15 @@ def launch(config: RunConfig, address: str | None = None, allow_config_change: t
         if cause is not None:  # the worker's own error, not Ray's wrapper: it names the key, file or sample
             raise cause from None
         raise
+    finally:
+        if progress is not None:
+            progress.stop()
+    seconds = time.time() - started
     if stop_requested(run_dir):
-        from ..checkpoint import checkpoint_step
-
         clear_stop(run_dir)
         done = complete_checkpoints(run_dir)
         last = done[-1] if done else None
         step = checkpoint_step(last) if last else 0
         if step < config.train.num_steps:  # a signal during the last step changes nothing: the run finished
             raise RunStopped(step, last)
-    return result
+    return LaunchOutcome(run_dir, False, start_step, config.train.num_steps, seconds, result)

@@ -29,8 +29,11 @@ def format_duration(seconds: float) -> str:
 class MetricsLogger:
     """Appends one JSON object per logged step to `metrics.jsonl` and mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir: str | Path, total_steps: int, enabled: bool = True, tensorboard: bool = True):
+    def __init__(
+        self, run_dir: str | Path, total_steps: int, enabled: bool = True, tensorboard: bool = True, echo: bool = True
+    ):
         self.enabled = enabled
+        self.echo = echo  # print a progress line per record (the driver draws its own display otherwise)
         self.total_steps = total_steps
         self.start_time = time.time()
         self.start_step: int | None = None
@@ -58,12 +61,24 @@ class MetricsLogger:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)):
                     self.writer.add_scalar(f"train/{key}", value, step)
+        if not self.echo:
+            return
         elapsed = time.time() - self.start_time
         rate = (step - self.start_step) / elapsed if step > self.start_step else float("nan")
         eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
         shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-        pace = f"{rate:.2f} step/s | eta {format_duration(eta)}" if math.isfinite(rate) else "eta ?"
-        emit(f"step {step}/{self.total_steps} | {shown} | {pace}")
+        pace = f" | {rate:.2f} step/s | eta {format_duration(eta)}" if math.isfinite(rate) else ""
+        emit(f"step {step}/{self.total_steps} | {shown}{pace}")
+
+    def log_images(self, tag: str, images, step: int) -> None:
+        """A grid of images in [-1, 1] (B, C, H, W) in TensorBoard's Images tab."""
+        if not self.enabled or self.writer is None:
+            return
+        from torchvision.utils import make_grid
+
+        grid = make_grid(images.float().clamp(-1, 1).cpu(), nrow=max(1, int(len(images) ** 0.5)))
+        self.writer.add_image(tag, (grid + 1) / 2, step)
+        self.writer.flush()
 
     def note(self, step: int, record: dict[str, Any]) -> None:
         """An event (not a metric) in metrics.jsonl, e.g. where a run segment resumed; no rate, no TensorBoard."""

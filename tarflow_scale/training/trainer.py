@@ -41,6 +41,7 @@ from ..models.tarflow import NULL_LABEL, TarFlow
 from ..models.transformer import TransformerLayer
 from ..sampling import sample_indices, save_grid
 from ..seeding import derive_seed
+from .console import ConsoleOptions, apply_worker_settings, held_stdout
 from .deepspeed_config import build_deepspeed_config, describe_precision, precision_warning, resolve_precision
 from .metrics import MetricsLogger, emit
 from .run_state import stop_requested
@@ -166,8 +167,8 @@ def _plain_model(engine, config: RunConfig, rank: int) -> TarFlow | None:
     return model.to(next(iter(state.values())).device)
 
 
-def _save_samples(engine, config: RunConfig, step: int, rank: int) -> None:
-    """Rank 0 writes a sample grid from the current weights."""
+def _save_samples(engine, config: RunConfig, step: int, rank: int, logger: MetricsLogger) -> None:
+    """Rank 0 writes a sample grid from the current weights (PNG, and an image in TensorBoard)."""
     model = _plain_model(engine, config, rank)
     if model is None:
         return
@@ -176,6 +177,7 @@ def _save_samples(engine, config: RunConfig, step: int, rank: int) -> None:
     labels = torch.arange(n, device=param.device) % config.model.num_classes if config.model.num_classes else None
     images = sample_indices(model, list(range(n)), seed=config.train.seed, labels=labels)
     save_grid(images, Path(config.run_dir) / "samples" / f"step_{step:08d}.png")
+    logger.log_images("samples", images, step)
 
 
 def configure_precision(model: TarFlow, config: RunConfig, device: torch.device) -> str:
@@ -206,7 +208,9 @@ def master_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _finish(engine, config: RunConfig, state: LoopState, logger: MetricsLogger, rank: int, device) -> None:
+def _finish(
+    engine, config: RunConfig, state: LoopState, logger: MetricsLogger, rank: int, device, verbose: bool
+) -> None:
     """Log the engine's log-likelihood on the probe batch and write the slim export from the live weights (fp32
     master weights: the module's parameters stay fp32 under every precision policy)."""
     x, y = probe_batch(config)
@@ -219,7 +223,8 @@ def _finish(engine, config: RunConfig, state: LoopState, logger: MetricsLogger, 
         state_dict = master_state_dict(model)
         tag = f"step_{state.step:08d}"
         path = save_export(state_dict, config, Path(config.run_dir) / EXPORT_NAME, "live engine", tag, ema=False)
-        emit(f"exported {path}")
+        if verbose:  # otherwise the driver's summary says where the export is
+            emit(f"exported {path}")
 
 
 def _save_checkpoint(engine, config: RunConfig, state: LoopState, metrics: dict, ema: EMA | None, rank: int) -> Path:
@@ -305,6 +310,9 @@ def _resume(engine, config: RunConfig, ema: EMA | None, world: int) -> tuple[Loo
 
 def train_worker(config_dict: dict) -> None:
     """Ray Train's per-worker function; the process group is already initialised by Ray."""
+    config_dict = dict(config_dict)
+    console = ConsoleOptions.from_dict(config_dict.pop("_console", None))
+    apply_worker_settings(console)
     config: RunConfig = from_dict(RunConfig, config_dict).validate()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if config.cluster.use_gpu else "cpu")
     import deepspeed
@@ -327,18 +335,20 @@ def train_worker(config_dict: dict) -> None:
             emit(f"WARNING: {precision_warning(config)}")
     if config.deepspeed.activation_checkpointing:
         apply_activation_checkpointing(model)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, config.optim.weight_decay),
-        config=build_deepspeed_config(config),
-        lr_scheduler=partial(make_scheduler, optim=config.optim, num_steps=train.num_steps),
-        dist_init_required=False,
-    )
+    with held_stdout(console):  # DeepSpeed prints op-build notices unconditionally
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, config.optim.weight_decay),
+            config=build_deepspeed_config(config),
+            lr_scheduler=partial(make_scheduler, optim=config.optim, num_steps=train.num_steps),
+            dist_init_required=False,
+        )
     if config.deepspeed.compile:
         engine.compile()
     ema = EMA(engine.module, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
     state, resumed_from = _resume(engine, config, ema, world)
-    logger = MetricsLogger(config.run_dir, train.num_steps, enabled=rank == 0)
+    # Without --verbose the driver draws the progress from metrics.jsonl: rank 0 writes, but does not print.
+    logger = MetricsLogger(config.run_dir, train.num_steps, enabled=rank == 0, echo=console.verbose)
     if resumed_from is not None:  # every segment and every restart after a failure leaves a trace in the log
         logger.note(state.step, {"resumed_from": str(resumed_from)})
     stats = DataStats()
@@ -431,7 +441,7 @@ def train_worker(config_dict: dict) -> None:
             logger.log(state.step, last_metrics)
             window = {"loss": 0.0, "prior_nll": 0.0, "log_det": 0.0, "count": 0, "start": time.time(), "images": 0}
         if (train.sample_every and state.step % train.sample_every == 0) or is_last:
-            _save_samples(engine, config, state.step, rank)
+            _save_samples(engine, config, state.step, rank, logger)
         # Every rank must agree on stopping at this step, or the next collective would hang.
         (stop,) = _all_reduce([float(stop_requested(config.run_dir))], device, op=_max_op())
         if state.step % train.checkpoint_every == 0 or is_last or stop:
@@ -441,7 +451,7 @@ def train_worker(config_dict: dict) -> None:
                 emit(f"stopped on request at step {state.step}; final checkpoint: {saved}")
             logger.close()
             return
-    _finish(engine, config, state, logger, rank, device)
+    _finish(engine, config, state, logger, rank, device, console.verbose)
     logger.close()
     if not math.isfinite(last_metrics.get("loss", 0.0)):
         raise NonFiniteLossError("training ended with a non-finite loss")
