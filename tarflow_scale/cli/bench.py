@@ -11,6 +11,7 @@ SUITES = {
     "data": "WebDataset loader images/s per worker",
     "eval": "evaluation throughput: sampling, denoising and bits/dim images/s",
     "mixing": "CDFlow circulant-diagonal mixing vs a dense matrix",
+    "sample": "decoding modes (sequential, jacobi, gs_jacobi) x guidance x batch: images/s, passes, exactness",
 }
 
 
