@@ -44,7 +44,7 @@ def train_briefly(model: TarFlow, data_cfg, steps: int, batch: int, lr: float, s
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
