@@ -256,3 +256,20 @@ def test_eval_settings_carry_decoding_and_precision_into_sampling_and_the_report
             load_config(overrides=[bad]).eval.validate()
     with pytest.raises(ConfigError, match="precision"):
         load_config(overrides=["eval.precision=fp16"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none visible)")
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+def test_parallel_and_compiled_decoding_on_gpu_match_cpu_sequential(precision):
+    model = _model("affine", 3, torch.float32)
+    z, y = _inputs(model)
+    z = z.float()
+    reference = model.inverse(z, y, guidance=1.0)
+    gpu = model.cuda()
+    # bf16: within bf16 rounding of fp32 (see the CPU bf16 test); fp32/tf32: within the decoding tolerance.
+    margin = 0.05 if precision == "bf16" else 2e-3
+    for decoding in (Decoding(), Decoding("gs_jacobi", segment_size=5), Decoding(compile=True)):
+        out = gpu.inverse(z.cuda(), y.cuda(), guidance=1.0, decoding=decoding, precision=precision).cpu()
+        assert out.dtype == torch.float32
+        assert ((out - reference).abs() / (1 + reference.abs())).max() <= margin, (decoding, precision)
