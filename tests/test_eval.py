@@ -497,3 +497,12 @@ def test_full_evaluation_is_exact_once_and_independent_of_the_worker_count(ray_s
     np.testing.assert_allclose(a["images"], local.numpy(), rtol=0, atol=1e-5)
     expected_denoised = tweedie_denoise(model, local, TRAIN_NOISE, torch.arange(10) % CLASSES)
     np.testing.assert_allclose(a["denoised"], expected_denoised.numpy(), rtol=0, atol=1e-5)
+
+
+def test_decoding_options_are_checked_against_the_checkpoint_before_any_worker(tmp_path, dataset, capsys):
+    path = export(random_model(num_classes=CLASSES), tmp_path / "m.safetensors", data_path=dataset)
+    assert eval_cli.main([str(path), "eval.jobs=[sample]", "eval.decoding_sequential_blocks=[9]"]) == 2
+    assert "eval.decoding_sequential_blocks [9] out of range" in capsys.readouterr().err
+    assert eval_cli.main([str(path), "--dry-run", "eval.decoding=gs_jacobi", "eval.precision=bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "decoding: gs_jacobi" in out and "precision: bf16" in out
