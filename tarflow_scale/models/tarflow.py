@@ -141,7 +141,7 @@ class FlowBlock(nn.Module):
         annealed; for an unconditional model both passes differ only by the attention temperature (TarFlow
         Sec. 2.5). `decoding` picks sequential / jacobi / gs_jacobi (models/decoding.py); the block's own index is
         not known here, so `sequential_blocks` is applied by TarFlow.inverse. `cache` (from TarFlow.inverse, one
-        per sampling call) must hold at least this call's batch (2B when guided); None allocates one.
+        per sampling call) must have exactly this call's batch rows (2B when guided); None allocates one.
         """
         options = Decoding.of(decoding)
         z = self.permute(z)
