@@ -31,7 +31,7 @@ def train_briefly(
 ) -> list[float]:
     """`steps` Adam steps of maximum likelihood on the bundled training images (Gaussian noise data.noise_std), in
     this process: enough for the weights, hence the Jacobi iteration counts, to look like a trained model's."""
-    from tarflow_scale.data import make_eval_loader
+    from tarflow_scale.data import augment, make_eval_loader
 
     batches = []
     for x, _, _ in make_eval_loader(data_cfg, 64, 0, 1, split=data_cfg.train_split):
@@ -45,7 +45,7 @@ def train_briefly(
     model.train()
     for _ in range(steps):
         rows = torch.randint(0, len(images), (batch,), generator=generator)
-        x = images[rows] + data_cfg.noise_std * torch.randn(images[rows].shape, generator=generator)
+        x = augment(images[rows], data_cfg.noise, data_cfg.noise_std, generator)  # uint8 -> [-1, 1] + noise
         loss = model.bits_per_dim(x).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
