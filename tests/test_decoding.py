@@ -214,6 +214,9 @@ def test_fp32_sampling_allocates_one_cache_per_call(monkeypatch):
     model.inverse(z, guidance=2.0, attn_temp=1.5)
     model.inverse(z, decoding="gs_jacobi")
     assert calls == [6, 3], "batch 2B when guided, B otherwise; one allocation per call"
+    # Zero-filled: the static step reads unwritten slots under a mask, where uninitialised NaNs would leak.
+    cache = transformer.KVCache.allocate(1, 2, 2, 4, 8, torch.empty(0))
+    assert not cache.keys.any() and not cache.values.any()
 
 
 def test_bad_decoding_options_are_named():

@@ -36,7 +36,9 @@ class KVCache:
         cls, num_layers: int, batch: int, num_heads: int, num_tokens: int, head_dim: int, like: Tensor
     ) -> KVCache:
         shape = (num_layers, batch, num_heads, num_tokens, head_dim)
-        return cls(like.new_empty(shape), like.new_empty(shape))
+        # Zeros, not empty: the static-shape step reads every slot under a mask, and a masked slot still enters
+        # the weighted sum as 0 x value, which is NaN if uninitialised memory holds a NaN.
+        return cls(like.new_zeros(shape), like.new_zeros(shape))
 
 
 class CausalSelfAttention(nn.Module):
