@@ -228,7 +228,7 @@ class FlowBlock(nn.Module):
         Input positions [a, b) produce the parameters of tokens [a + 1, b + 1) (the one-token shift). x[a] is
         final when the segment starts (token 0, or solved by the previous segment); iteration k makes token
         a + k final, so b - a iterations are exact and the keys/values left in the cache for [a, b) come from
-        final (or, after an early stop, within-tol) inputs.
+        final (or, after an early stop, within-tol) inputs. Iteration k re-runs only positions [a + k, b).
         """
         T = z.shape[1]
         guided = guidance != 0.0
@@ -238,20 +238,24 @@ class FlowBlock(nn.Module):
         for a in range(0, T - 1, max(1, segment_size)):
             b = min(a + segment_size, T - 1)
             limit = b - a if options.max_iters == 0 else min(b - a, options.max_iters)
-            weight = (guidance * positions[a:b] / (T - 1)).view(1, -1, 1, 1) if guidance_annealed else guidance
             for iteration in range(limit):
-                inputs = x[:, a:b]
+                # Positions [a, s) hold keys/values computed from final inputs (written by earlier iterations
+                # when tokens <= s - 1 were already exact), so each iteration re-runs only [s, b): less work,
+                # same fixed point.
+                s = a + iteration
+                inputs = x[:, s:b]
                 if guided:
                     inputs = torch.cat([inputs, inputs])
-                h = self.proj_in(inputs) + self.pos_embed[a:b].to(z.dtype) + cond_embed
+                h = self.proj_in(inputs) + self.pos_embed[s:b].to(z.dtype) + cond_embed
                 for index, layer in enumerate(self.layers):
-                    h = layer.chunk(h, a, cache, index, temps)
-                params = self._guide(self._head(h), guided, weight, z.dtype)  # tokens a+1 .. b
-                new = self.transform.inverse(z[:, a + 1 : b + 1], params)
+                    h = layer.chunk(h, s, cache, index, temps)
+                weight = (guidance * positions[s:b] / (T - 1)).view(1, -1, 1, 1) if guidance_annealed else guidance
+                params = self._guide(self._head(h), guided, weight, z.dtype)  # tokens s+1 .. b
+                new = self.transform.inverse(z[:, s + 1 : b + 1], params)
                 passes += 1
                 last = iteration == limit - 1
-                change = None if last else (new - x[:, a + 1 : b + 1]).abs().max()
-                x[:, a + 1 : b + 1] = new
+                change = None if last else (new - x[:, s + 1 : b + 1]).abs().max()
+                x[:, s + 1 : b + 1] = new
                 if not last and bool(change <= options.tol):  # one host sync per iteration
                     break
         return x, passes
