@@ -276,6 +276,17 @@ class EvalConfig:
     guidance_annealed: bool = False  # w_t = w t / (T - 1) over the tokens of each block
     attn_temp: float = 1.0  # attention temperature of the guiding pass (unconditional guidance, TarFlow §2.5)
     max_redraws: int = 10  # a non-finite sample is redrawn with a derived seed at most this many times, then error
+    # How each flow block's inverse is decoded when sampling (docs/sampling.md): sequential (token by token, the
+    # reference), jacobi (parallel fixed-point iterations) or gs_jacobi (Jacobi inside segments, in order).
+    decoding: Literal["sequential", "jacobi", "gs_jacobi"] = "sequential"
+    decoding_tol: float = 1e-4  # jacobi/gs_jacobi: stop once max |x_new - x| <= tol (model units; 8-bit step 2/255)
+    decoding_max_iters: int = 0  # iterations per segment; 0: the segment length (always exact)
+    decoding_segment_size: int = 64  # gs_jacobi: tokens per segment
+    decoding_sequential_blocks: list[int] = field(default_factory=list)  # model.blocks indices decoded sequentially
+    decoding_compile: bool = False  # sequential: torch.compile the static-shape per-token step
+    # Sampling precision: the Transformer's matmuls and KV cache (bf16 halves the cache); the flow state, token
+    # transforms and guidance stay fp32. tf32 only changes CUDA matmuls. Bits/dim is not affected (always fp32).
+    precision: Literal["fp32", "bf16", "tf32"] = "fp32"
     bpd_draws: int = 1  # K: dequantization draws per image; the per-image BPD is their mean
     # Gaussian noise std (on [-1, 1]) the Tweedie step removes; 0: the checkpoint's training data.noise_std.
     denoise_noise_std: float = 0.0
@@ -321,6 +332,16 @@ class EvalConfig:
                 raise ConfigError(f"eval.{name} must be >= 0")
         if self.attn_temp <= 0:
             raise ConfigError("eval.attn_temp must be > 0")
+        if not self.decoding_tol >= 0:
+            raise ConfigError(f"eval.decoding_tol must be >= 0, got {self.decoding_tol}")
+        if self.decoding_max_iters < 0:
+            raise ConfigError("eval.decoding_max_iters must be >= 0 (0: the segment length)")
+        if self.decoding_segment_size < 1:
+            raise ConfigError("eval.decoding_segment_size must be >= 1")
+        if any(k < 0 for k in self.decoding_sequential_blocks):
+            raise ConfigError(
+                f"eval.decoding_sequential_blocks must be block indices >= 0, got {self.decoding_sequential_blocks}"
+            )
         if self.progress_every_s <= 0:
             raise ConfigError("eval.progress_every_s must be > 0")
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .atomic import atomic_path
+from .models.decoding import Decoding
 from .models.tarflow import TarFlow
 
 # Large odd multiplier so (seed, index) pairs map to well-separated generator seeds.
@@ -33,12 +34,23 @@ def sample_indices(
     guidance: float = 0.0,
     guidance_annealed: bool = False,
     attn_temp: float = 1.0,
+    decoding: str | Decoding | None = None,
+    precision: str = "fp32",
 ) -> Tensor:
-    """Images in [-1, 1]-ish model space for the given sample indices (B, C, H, W)."""
+    """Images in [-1, 1]-ish model space for the given sample indices (B, C, H, W); see TarFlow.inverse for
+    `decoding` and `precision`."""
     c = model.config
     param = next(model.parameters())
     eps = per_sample_noise(indices, (c.in_channels, c.image_size, c.image_size), seed, param.device, param.dtype)
-    return model.sample(eps, y=labels, guidance=guidance, guidance_annealed=guidance_annealed, attn_temp=attn_temp)
+    return model.sample(
+        eps,
+        y=labels,
+        guidance=guidance,
+        guidance_annealed=guidance_annealed,
+        attn_temp=attn_temp,
+        decoding=decoding,
+        precision=precision,
+    )
 
 
 def score(model: TarFlow, x: Tensor, y: Tensor | None = None) -> Tensor:

@@ -566,3 +566,12 @@ def test_interrupted_evaluation_resumes_from_its_units_with_identical_metrics(ra
         other["results"]["fid"]["units"]["reused"] == 0
         and other["results"]["fid"]["fid"] != full["results"]["fid"]["fid"]
     )
+
+
+def test_decoding_options_are_checked_against_the_checkpoint_before_any_worker(tmp_path, dataset, capsys):
+    path = export(random_model(num_classes=CLASSES), tmp_path / "m.safetensors", data_path=dataset)
+    assert eval_cli.main([str(path), "eval.jobs=[sample]", "eval.decoding_sequential_blocks=[9]"]) == 2
+    assert "eval.decoding_sequential_blocks [9] out of range" in capsys.readouterr().err
+    assert eval_cli.main([str(path), "--dry-run", "eval.decoding=gs_jacobi", "eval.precision=bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "decoding: gs_jacobi" in out and "precision: bf16" in out

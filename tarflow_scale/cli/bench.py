@@ -12,6 +12,7 @@ SUITES = {
     "eval": "evaluation throughput: sampling, denoising and bits/dim images/s",
     "mixing": "CDFlow circulant-diagonal mixing vs a dense matrix",
     "gpu": "the paper's ImageNet64 model on one GPU: bf16 images/s and MFU, peak memory, TF32, sampling, bits/dim",
+    "sample": "decoding modes (sequential, jacobi, gs_jacobi) x guidance x batch: images/s, passes, exactness",
 }
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..models.decoding import Decoding
 from ..models.tarflow import TarFlow
 from ..sampling import sample_indices
 
@@ -25,6 +26,30 @@ class SampleSettings:
     guidance_annealed: bool = False
     attn_temp: float = 1.0
     max_redraws: int = 10
+    # Decoding of the block inverses and sampling precision (models/decoding.py); do not change the images
+    # beyond decoding_tol (parallel modes) or bf16 rounding (precision).
+    decoding: str = "sequential"
+    decoding_tol: float = 1e-4
+    decoding_max_iters: int = 0
+    decoding_segment_size: int = 64
+    decoding_sequential_blocks: tuple[int, ...] = ()
+    decoding_compile: bool = False
+    precision: str = "fp32"
+
+    @classmethod
+    def from_eval_config(cls, e) -> SampleSettings:
+        """The settings of an EvalConfig (config.eval)."""
+        return cls(
+            e.seed, e.guidance, e.guidance_annealed, e.attn_temp, e.max_redraws, e.decoding, e.decoding_tol,
+            e.decoding_max_iters, e.decoding_segment_size, tuple(e.decoding_sequential_blocks), e.decoding_compile,
+            e.precision,
+        )  # fmt: skip
+
+    def decoding_options(self) -> Decoding:
+        return Decoding(
+            self.decoding, self.decoding_tol, self.decoding_max_iters, self.decoding_segment_size,
+            self.decoding_sequential_blocks, self.decoding_compile,
+        )  # fmt: skip
 
 
 def balanced_labels(indices: list[int], num_classes: int) -> Tensor | None:
@@ -65,7 +90,11 @@ def generate(model: TarFlow, indices: list[int], settings: SampleSettings) -> tu
     device = next(model.parameters()).device
     labels = None if labels is None else labels.to(device)
     kwargs = dict(
-        guidance=settings.guidance, guidance_annealed=settings.guidance_annealed, attn_temp=settings.attn_temp
+        guidance=settings.guidance,
+        guidance_annealed=settings.guidance_annealed,
+        attn_temp=settings.attn_temp,
+        decoding=settings.decoding_options(),
+        precision=settings.precision,
     )
     images = sample_indices(model, indices, settings.seed, labels, **kwargs)
     bad = (~_finite_rows(images)).nonzero().flatten().tolist()

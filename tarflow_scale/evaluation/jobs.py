@@ -673,7 +673,13 @@ def evaluate(
     if "fid" in jobs or "fid_stats" in jobs:
         reference_path, reference, build_reference = _plan_fid(config, jobs)
     num_workers = config.cluster.num_workers  # the one knob (eval.num_workers was removed)
-    settings = SampleSettings(e.seed, e.guidance, e.guidance_annealed, e.attn_temp, e.max_redraws)
+    settings = SampleSettings.from_eval_config(e)
+    bad_blocks = [k for k in e.decoding_sequential_blocks if k >= model.config.num_blocks]
+    if bad_blocks:
+        raise ConfigError(
+            f"eval.decoding_sequential_blocks {bad_blocks} out of range: the checkpoint has "
+            f"model.num_blocks={model.config.num_blocks}"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
 
     weights = model_fingerprint(model)

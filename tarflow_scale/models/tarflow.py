@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 
 from .. import model_card, weights
 from ..config import TarFlowConfig, to_dict
+from .decoding import Decoding, DecodingStats, cache_dtype, check_precision, matmul_precision
 from .likelihood import bits_per_dim
 from .mixing import build_mixer
 from .priors import GaussianPrior
@@ -134,6 +136,23 @@ class FlowBlock(nn.Module):
             z, log_det = self.transform.forward(x, params)
         return self.permute(z), log_det.flatten(1).sum(1)
 
+    def guided_batch(
+        self, y: Tensor | None, batch: int, guidance: float, attn_temp: float, like: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, int]:
+        """Labels, per-sample attention temperatures and batch size of the Transformer passes of an inverse.
+
+        With guidance w != 0 the conditional pass (labels y, temperature 1) and the guiding pass (null labels,
+        temperature `attn_temp`) run as one batch of 2B.
+        """
+        if guidance == 0.0:
+            return y, None, batch
+        labels = None
+        if self.config.num_classes:
+            uncond = torch.full((batch,), NULL_LABEL, device=like.device)
+            labels = torch.cat([y if y is not None else uncond, uncond])
+        ones = torch.ones(batch, device=like.device, dtype=like.dtype)
+        return labels, torch.cat([ones, ones * attn_temp]), 2 * batch
+
     def inverse(
         self,
         z: Tensor,
@@ -141,30 +160,46 @@ class FlowBlock(nn.Module):
         guidance: float = 0.0,
         guidance_annealed: bool = False,
         attn_temp: float = 1.0,
-    ) -> Tensor:
-        """Exact inverse, token by token with a preallocated KV cache. z: (B, T, D) -> x (B, T, D).
+        decoding: str | Decoding | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[Tensor, int]:
+        """Exact inverse z (B, T, D) -> x (B, T, D), and the number of model passes it took.
 
-        With guidance w != 0 the conditional pass (labels y, temperature 1) and the guiding pass (null labels,
-        temperature `attn_temp`) run as one batch of 2B; the transform's parameters become
-        p_c + w_t (p_c - p_u), with w_t = w (t / (T - 1)) when annealed. For an unconditional model both passes
-        differ only by the attention temperature (TarFlow Sec. 2.5).
+        Guidance: the transform's parameters become p_c + w_t (p_c - p_u), with w_t = w (t / (T - 1)) when
+        annealed; for an unconditional model both passes differ only by the attention temperature (TarFlow
+        Sec. 2.5). `decoding` picks sequential / jacobi / gs_jacobi (models/decoding.py); the block's own index is
+        not known here, so `sequential_blocks` is applied by TarFlow.inverse. `cache` (from TarFlow.inverse, one
+        per sampling call) must have exactly this call's batch rows (2B when guided); None allocates one.
         """
+        options = Decoding.of(decoding)
         z = self.permute(z)
         B, T, _ = z.shape
-        guided = guidance != 0.0
-        labels, temps = y, None
-        if guided:
-            uncond = None if not self.config.num_classes else torch.full((B,), NULL_LABEL, device=z.device)
-            if self.config.num_classes:
-                cond = y if y is not None else uncond
-                labels = torch.cat([cond, uncond])
-            ones = torch.ones(B, device=z.device, dtype=z.dtype)
-            temps = torch.cat([ones, ones * attn_temp])
-        batch = 2 * B if guided else B
-        cache = KVCache.allocate(
-            len(self.layers), batch, self.config.channels // self.config.head_dim, T, self.config.head_dim, z
-        )
+        labels, temps, batch = self.guided_batch(y, B, guidance, attn_temp, z)
+        if cache is None:
+            cache = self.allocate_cache(batch, z)
         cond_embed = self.label_embedding(labels, batch, z)
+        if options.mode == "sequential" and options.compile:
+            x, passes = self._inverse_static(z, cond_embed, temps, guidance, guidance_annealed, cache)
+        elif options.mode == "sequential":
+            x, passes = self._inverse_sequential(z, cond_embed, temps, guidance, guidance_annealed, cache)
+        else:
+            segment = T - 1 if options.mode == "jacobi" else options.segment_size
+            x, passes = self._inverse_jacobi(z, cond_embed, temps, guidance, guidance_annealed, cache, segment, options)
+        return self.permute(x), passes
+
+    def allocate_cache(self, batch: int, like: Tensor) -> KVCache:
+        c = self.config
+        return KVCache.allocate(len(self.layers), batch, c.channels // c.head_dim, c.num_tokens, c.head_dim, like)
+
+    def _guide(self, params: Tensor, guided: bool, weight: Tensor | float, dtype: torch.dtype) -> Tensor:
+        """Raw head outputs of the (cond, guiding) batch -> the transform's parameters, in the flow's dtype."""
+        params = params.to(dtype)  # bf16 head outputs: guidance and the transform run in the state's precision
+        return self.transform.guide(*params.chunk(2), weight) if guided else params
+
+    def _inverse_sequential(self, z, cond_embed, temps, guidance, guidance_annealed, cache) -> tuple[Tensor, int]:
+        """Token by token with the KV cache, attending to the slice [0, t] (the fewest reads in eager mode)."""
+        T = z.shape[1]
+        guided = guidance != 0.0
         x = z.clone()  # x[:, 0] = z[:, 0]: token 0 is the identity
         for t in range(T - 1):
             token = x[:, t : t + 1]
@@ -173,12 +208,85 @@ class FlowBlock(nn.Module):
             h = self.proj_in(token) + self.pos_embed[t].to(z.dtype) + cond_embed
             for index, layer in enumerate(self.layers):
                 h = layer.step(h, t, cache, index, temps)
-            params = self._head(h)[:, 0]  # (batch, D, P): parameters of token t + 1
-            if guided:
-                weight = guidance * (t + 1) / (T - 1) if guidance_annealed else guidance
-                params = self.transform.guide(*params.chunk(2), weight)
+            weight = guidance * (t + 1) / (T - 1) if guidance_annealed else guidance
+            params = self._guide(self._head(h)[:, 0], guided, weight, z.dtype)  # parameters of token t + 1
             x[:, t + 1] = self.transform.inverse(z[:, t + 1], params)
-        return self.permute(x)
+        return x, T - 1
+
+    def static_step(
+        self,
+        token: Tensor,
+        z_next: Tensor,
+        pos: Tensor,
+        cond_embed: Tensor | float,
+        temps: Tensor | None,
+        cache: KVCache,
+        guidance: float,
+        guidance_annealed: bool,
+    ) -> Tensor:
+        """x_{pos+1} from x_pos (token, (B, 1, D)) and z_{pos+1} (B, D), with the same shapes at every position:
+        `pos` is a 0-d int64 tensor and the cache is read under a mask, so torch.compile builds one graph (and a
+        GPU can capture it as one CUDA graph) for all T - 1 positions."""
+        T = self.config.num_tokens
+        if guidance != 0.0:
+            token = torch.cat([token, token])
+        h = self.proj_in(token) + self.pos_embed.index_select(0, pos.view(1)).to(z_next.dtype) + cond_embed
+        for index, layer in enumerate(self.layers):
+            h = layer.step_static(h, pos, cache, index, temps)
+        weight = guidance * (pos + 1).to(z_next.dtype) / (T - 1) if guidance_annealed else guidance
+        params = self._guide(self._head(h)[:, 0], guidance != 0.0, weight, z_next.dtype)
+        return self.transform.inverse(z_next, params)
+
+    def _inverse_static(self, z, cond_embed, temps, guidance, guidance_annealed, cache) -> tuple[Tensor, int]:
+        """Sequential decoding through the compiled static-shape step (Decoding.compile)."""
+        step = torch.compile(self.static_step, dynamic=False)
+        T = z.shape[1]
+        x = z.clone()
+        positions = torch.arange(T, device=z.device)
+        for t in range(T - 1):
+            x[:, t + 1] = step(x[:, t : t + 1], z[:, t + 1], positions[t], cond_embed, temps, cache, guidance,
+                               guidance_annealed)  # fmt: skip
+        return x, T - 1
+
+    def _inverse_jacobi(
+        self, z, cond_embed, temps, guidance, guidance_annealed, cache, segment_size: int, options: Decoding
+    ) -> tuple[Tensor, int]:
+        """Gauss-Seidel over segments of input positions, Jacobi inside each (models/decoding.py).
+
+        Input positions [a, b) produce the parameters of tokens [a + 1, b + 1) (the one-token shift). x[a] is
+        final when the segment starts (token 0, or solved by the previous segment); iteration k makes token
+        a + k final, so b - a iterations are exact and the keys/values left in the cache for [a, b) come from
+        final (or, after an early stop, within-tol) inputs. Iteration k re-runs only positions [a + k, b).
+        """
+        T = z.shape[1]
+        guided = guidance != 0.0
+        positions = torch.arange(1, T, device=z.device, dtype=z.dtype)  # token indices 1 .. T-1
+        x = z.clone()  # initial guess x = z; token 0 is already exact
+        passes = 0
+        for a in range(0, T - 1, max(1, segment_size)):
+            b = min(a + segment_size, T - 1)
+            limit = b - a if options.max_iters == 0 else min(b - a, options.max_iters)
+            for iteration in range(limit):
+                # Positions [a, s) hold keys/values computed from final inputs (written by earlier iterations
+                # when tokens <= s - 1 were already exact), so each iteration re-runs only [s, b): less work,
+                # same fixed point.
+                s = a + iteration
+                inputs = x[:, s:b]
+                if guided:
+                    inputs = torch.cat([inputs, inputs])
+                h = self.proj_in(inputs) + self.pos_embed[s:b].to(z.dtype) + cond_embed
+                for index, layer in enumerate(self.layers):
+                    h = layer.chunk(h, s, cache, index, temps)
+                weight = (guidance * positions[s:b] / (T - 1)).view(1, -1, 1, 1) if guidance_annealed else guidance
+                params = self._guide(self._head(h), guided, weight, z.dtype)  # tokens s+1 .. b
+                new = self.transform.inverse(z[:, s + 1 : b + 1], params)
+                passes += 1
+                last = iteration == limit - 1
+                change = None if last else (new - x[:, s + 1 : b + 1]).abs().max()
+                x[:, s + 1 : b + 1] = new
+                if not last and bool(change <= options.tol):  # one host sync per iteration
+                    break
+        return x, passes
 
 
 class TarFlow(
@@ -274,15 +382,39 @@ class TarFlow(
         guidance: float = 0.0,
         guidance_annealed: bool = False,
         attn_temp: float = 1.0,
+        decoding: str | Decoding | None = None,
+        precision: str = "fp32",
+        stats: DecodingStats | None = None,
     ) -> Tensor:
-        """Exact inverse of `forward`: z (B, C, H, W) -> x (B, C, H, W). See FlowBlock.inverse for guidance."""
+        """Exact inverse of `forward`: z (B, C, H, W) -> x (B, C, H, W). See FlowBlock.inverse for guidance.
+
+        decoding: "sequential" (default), "jacobi", "gs_jacobi" or a Decoding with its options (models/decoding.py).
+        precision: the Transformer's matmuls and KV cache in "fp32", "bf16" or "tf32"; the flow state, transforms
+        and mixers stay in z's dtype. One KV cache is allocated for the whole call and shared by every block.
+        stats: if given, receives the model passes of each block.
+        """
         self._check_input(z)
+        options = Decoding.of(decoding)
+        check_precision(precision)
         c = self.config
+        bad = [k for k in options.sequential_blocks if not 0 <= k < len(self.blocks)]
+        if bad:
+            raise ValueError(f"decoding sequential_blocks {bad} out of range for a model of {len(self.blocks)} blocks")
         tokens = patchify(z, c.patch_size)
+        batch = 2 * z.shape[0] if guidance != 0.0 else z.shape[0]
+        cache = self.blocks[0].allocate_cache(batch, tokens.new_empty((), dtype=cache_dtype(precision, z.dtype)))
+        if stats is not None:
+            stats.num_tokens = c.num_tokens
         for k in reversed(range(len(self.blocks))):
             if k < len(self.mixers):
                 tokens = self.mixers[k].inverse(tokens)
-            tokens = self.blocks[k].inverse(tokens, y, guidance, guidance_annealed, attn_temp)
+            block_decoding = replace(options, mode=options.mode_for_block(k))
+            with matmul_precision(precision, z.device.type):
+                tokens, passes = self.blocks[k].inverse(
+                    tokens, y, guidance, guidance_annealed, attn_temp, block_decoding, cache
+                )
+            if stats is not None:
+                stats.passes[k] = passes
         return unpatchify(tokens, c.patch_size, c.in_channels, c.image_size)
 
     @torch.no_grad()
@@ -294,6 +426,9 @@ class TarFlow(
         guidance_annealed: bool = False,
         attn_temp: float = 1.0,
         generator: torch.Generator | None = None,
+        decoding: str | Decoding | None = None,
+        precision: str = "fp32",
+        stats: DecodingStats | None = None,
     ) -> Tensor:
         """Draw images: z ~ prior (or the standard-normal noise given as `n_or_z`, scaled by the prior), then invert.
 
@@ -314,7 +449,9 @@ class TarFlow(
             eps = torch.randn(shape, generator=generator, device=param.device, dtype=param.dtype)
         else:
             eps = n_or_z
-        return self.inverse(self.prior.scale(eps), y, guidance, guidance_annealed, attn_temp)
+        return self.inverse(
+            self.prior.scale(eps), y, guidance, guidance_annealed, attn_temp, decoding, precision, stats
+        )
 
     # ------------------------------------------------------------------------------------------------------
     # Model directories and the Hub (huggingface_hub.PyTorchModelHubMixin hooks)

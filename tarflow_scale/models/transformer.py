@@ -24,7 +24,8 @@ class KVCache:
     """Keys and values of every layer of one block, preallocated for the whole sequence.
 
     keys, values: (num_layers, B, num_heads, T, head_dim). Step t writes slot t in place and attends to
-    slots [0, t]: no per-step concatenation, no hidden module state.
+    slots [0, t]: no per-step concatenation, no hidden module state. One cache serves every block of a sampling
+    call (each block overwrites a slot before reading it), so a whole sampling call allocates it once.
     """
 
     keys: Tensor
@@ -35,7 +36,9 @@ class KVCache:
         cls, num_layers: int, batch: int, num_heads: int, num_tokens: int, head_dim: int, like: Tensor
     ) -> KVCache:
         shape = (num_layers, batch, num_heads, num_tokens, head_dim)
-        return cls(like.new_empty(shape), like.new_empty(shape))
+        # Zeros, not empty: the static-shape step reads every slot under a mask, and a masked slot still enters
+        # the weighted sum as 0 x value, which is NaN if uninitialised memory holds a NaN.
+        return cls(like.new_zeros(shape), like.new_zeros(shape))
 
 
 class CausalSelfAttention(nn.Module):
@@ -77,6 +80,41 @@ class CausalSelfAttention(nn.Module):
         values = cache.values[layer, :, :, : pos + 1]
         return self._merge_heads(F.scaled_dot_product_attention(q, keys, values))
 
+    def step_static(
+        self, h: Tensor, pos: Tensor, cache: KVCache, layer: int, attn_temp: Tensor | None = None
+    ) -> Tensor:
+        """`step` with static shapes for torch.compile / CUDA graphs: `pos` is a 0-d int64 tensor, the slot is
+        written with index_copy_ and all T cached positions are read under a mask (keys > pos excluded), so
+        every position runs the same graph. h: (B, 1, C)."""
+        q, k, v = self._split_heads(h)
+        keys, values = cache.keys[layer], cache.values[layer]  # (B, nh, T, hd) views
+        index = pos.view(1)
+        keys.index_copy_(2, index, k)
+        values.index_copy_(2, index, v)
+        q = self._apply_temperature(q, attn_temp)
+        visible = (torch.arange(keys.shape[2], device=h.device) <= pos).unsqueeze(0)  # (1, T): query row, key cols
+        return self._merge_heads(F.scaled_dot_product_attention(q, keys, values, attn_mask=visible))
+
+    def chunk(self, h: Tensor, start: int, cache: KVCache, layer: int, attn_temp: Tensor | None = None) -> Tensor:
+        """Tokens at positions [start, start + L) attending causally to themselves and to cached [0, start).
+
+        Writes their keys/values into slots [start, start + L) (a later call for the same positions overwrites
+        them: Jacobi iterations refine a segment in place). h: (B, L, C). start = 0 is a plain causal pass.
+        """
+        q, k, v = self._split_heads(h)
+        L = h.shape[1]
+        end = start + L
+        cache.keys[layer, :, :, start:end] = k
+        cache.values[layer, :, :, start:end] = v
+        q = self._apply_temperature(q, attn_temp)
+        keys = cache.keys[layer, :, :, :end]
+        values = cache.values[layer, :, :, :end]
+        if start == 0:
+            return self._merge_heads(F.scaled_dot_product_attention(q, keys, values, is_causal=True))
+        query_pos = torch.arange(start, end, device=h.device).unsqueeze(1)  # (L, 1)
+        visible = torch.arange(end, device=h.device).unsqueeze(0) <= query_pos  # (L, end)
+        return self._merge_heads(F.scaled_dot_product_attention(q, keys, values, attn_mask=visible))
+
 
 class TransformerLayer(nn.Module):
     """Pre-LN residual layer: h + Attn(LN(h)), then h + MLP(LN(h))."""
@@ -95,4 +133,14 @@ class TransformerLayer(nn.Module):
 
     def step(self, h: Tensor, pos: int, cache: KVCache, layer: int, attn_temp: Tensor | None = None) -> Tensor:
         h = h + self.attn.step(self.attn_norm(h), pos, cache, layer, attn_temp)
+        return h + self.mlp(self.mlp_norm(h))
+
+    def step_static(
+        self, h: Tensor, pos: Tensor, cache: KVCache, layer: int, attn_temp: Tensor | None = None
+    ) -> Tensor:
+        h = h + self.attn.step_static(self.attn_norm(h), pos, cache, layer, attn_temp)
+        return h + self.mlp(self.mlp_norm(h))
+
+    def chunk(self, h: Tensor, start: int, cache: KVCache, layer: int, attn_temp: Tensor | None = None) -> Tensor:
+        h = h + self.attn.chunk(self.attn_norm(h), start, cache, layer, attn_temp)
         return h + self.mlp(self.mlp_norm(h))
