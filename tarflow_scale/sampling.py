@@ -156,6 +156,8 @@ def sample_images(
     device: str | torch.device | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     denoise_batch_size: int = 16,
+    decoding: str | Decoding | None = None,
+    precision: str = "fp32",
 ) -> Tensor:
     """Draw `num` images in one call: uint8 (num, C, H, W).
 
@@ -164,7 +166,8 @@ def sample_images(
     `labels`: see `resolve_labels`; guidance on a class-conditional model needs them. `denoise`: one Tweedie step
     with the training noise (TarFlow §2.4); None denoises exactly when the model was trained with Gaussian noise,
     whose std is read from the checkpoint (or given as `noise_std` with a model object). `on_batch(done, num)`
-    is called after each batch (progress).
+    is called after each batch (progress). `decoding` ("sequential", "jacobi", "gs_jacobi" or a Decoding) and
+    `precision` ("fp32", "bf16", "tf32") go to TarFlow.inverse (docs/sampling.md).
 
     >>> images = sample_images("runs/tiny/model.safetensors", 8, seed=1)   # doctest: +SKIP
     """
@@ -202,7 +205,7 @@ def sample_images(
     for start in range(0, num, batch_size):
         indices = list(range(start, min(num, start + batch_size)))
         y = None if y_all is None else y_all[indices].to(param.device)
-        x = sample_indices(model, indices, seed, y, guidance, guidance_annealed, attn_temp)
+        x = sample_indices(model, indices, seed, y, guidance, guidance_annealed, attn_temp, decoding, precision)
         if denoise:
             x = tweedie_denoise(model, x, float(noise_std), y, batch_size=denoise_batch_size)
         out.append(to_uint8(x).cpu())

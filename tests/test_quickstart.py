@@ -183,6 +183,15 @@ def test_sample_cli_writes_pngs_grid_and_npz_and_refuses_guidance_without_labels
     assert main([str(path), "--num", "2", "--guidance", "2", "--out", str(tmp_path / "x")]) == 2
     assert "--class C" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert main([str(tmp_path / "missing.safetensors")]) == 2
+    # Parallel decoding through the CLI: tol 0 runs every Jacobi iteration, so the images are the sequential ones
+    # up to float rounding (a pixel may flip by one level only where it sits on a rounding boundary).
+    jacobi = tmp_path / "jacobi"
+    assert main(argv[:-1] + [str(jacobi), "--decoding", "jacobi", "--tol", "0"]) == 0
+    parallel = np.load(jacobi / "samples.npz")
+    diff = np.abs(parallel["images"].astype(int) - saved["images"].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    recorded = json.loads(str(parallel["settings"]))
+    assert (recorded["decoding"], recorded["decoding_tol"], recorded["precision"]) == ("jacobi", 0.0, "fp32")
 
 
 def test_exports_are_readable_by_others(tmp_path):

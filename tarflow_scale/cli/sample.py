@@ -47,6 +47,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip the Tweedie denoising step (by default applied when the model was trained with Gaussian noise, "
         "with the noise std recorded in the checkpoint)",
     )
+    parser.add_argument(
+        "--decoding",
+        choices=["sequential", "jacobi", "gs_jacobi"],
+        default="sequential",
+        help="how each flow block is inverted: token by token (default), or parallel Jacobi iterations that "
+        "reach the same images up to --tol (docs/sampling.md)",
+    )
+    parser.add_argument("--tol", type=float, default=1e-4, help="jacobi/gs_jacobi stopping tolerance (default 1e-4)")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "tf32"],
+        default="fp32",
+        help="the Transformer's matmuls and KV cache (the flow state stays fp32); default fp32",
+    )
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples drawn at once (default 32)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -83,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from tarflow_scale.checkpoint import CheckpointError, read_training_config
+    from tarflow_scale.models.decoding import Decoding
     from tarflow_scale.sampling import resolve_labels, sample_images
 
     checkpoint = Path(args.checkpoint)
@@ -146,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         on_batch=progress,
+        decoding=Decoding(mode=args.decoding, tol=args.tol),
+        precision=args.precision,
     )
     settings = {
         "checkpoint": str(checkpoint),
@@ -154,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         "guidance": args.guidance,
         "guidance_annealed": args.annealed,
         "attn_temp": args.attn_temp,
+        "decoding": args.decoding,
+        "decoding_tol": args.tol if args.decoding != "sequential" else None,
+        "precision": args.precision,
         "denoised": denoise,
         "denoise_noise_std": noise_std if denoise else 0.0,
         "labels": None if y is None else y.tolist(),
