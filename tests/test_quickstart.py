@@ -126,6 +126,12 @@ def test_driver_summary_reports_heldout_and_png_figures_and_next_commands(val_da
     for expected in ("runs/q/model.safetensors", "tarflow-eval runs/q/model.safetensors", "tarflow-sample"):
         assert expected in text
     assert "--address" in text
+    # The suggested evaluation must run on this model: no Tweedie job for a model trained without Gaussian noise.
+    eval_line = next(line for line in text.splitlines() if "tarflow-eval" in line)
+    assert "eval.jobs=[bpd,sample,fid]" in eval_line
+    config.data.noise = "gaussian"
+    gaussian_text = "\n".join(summary_lines(config, outcome, evaluate=False))
+    assert "eval.jobs=" not in next(line for line in gaussian_text.splitlines() if "tarflow-eval" in line)
 
 
 # ----------------------------------------------------------------------------------------------------------

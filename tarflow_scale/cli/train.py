@@ -119,12 +119,16 @@ def summary_lines(config: RunConfig, outcome, evaluate: bool) -> list[str]:
         if evaluate:
             lines += evaluation_lines(config, export)
     grids = sorted((run_dir / "samples").glob("step_*.png"))
+    # eval_quick runs every job; a model trained without Gaussian noise has nothing for the Tweedie step to remove.
+    gaussian = config.data.noise == "gaussian"
+    quick_jobs = "" if gaussian else " eval.jobs=[bpd,sample,fid]"
+    evaluated = "denoising, pipeline FID" if gaussian else "pipeline FID"
     lines += [
         f"export   {_shown(export)}",
         f"samples  {_shown(grids[-1]) if grids else _shown(run_dir / 'samples')}",
         f"metrics  {_shown(run_dir / 'metrics.jsonl')}; tensorboard --logdir {_shown(run_dir / 'tensorboard')}",
         "next:",
-        f"  tarflow-eval {_shown(export)} --config eval_quick       # bits/dim, samples, denoising (JSON report)",
+        f"  tarflow-eval {_shown(export)} --config eval_quick{quick_jobs}   # bits/dim, samples, {evaluated}",
         f"  tarflow-sample {_shown(export)} --num 16                 # one PNG per sample, a grid, an npz",
         "  tarflow-train --config imagenet64_cond --address HEAD_IP:6379 run_dir=/shared/runs/c1 "
         "data.path=/shared/imagenet64 cluster.num_workers=8 cluster.use_gpu=true   # a cluster: see the README",
