@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from tarflow_scale.benchmarks.common import model_with_live_heads, sync
 from tarflow_scale.config import ConfigError, TarFlowConfig, load_config
 from tarflow_scale.evaluation.bpd import batch_bits_per_dim
 from tarflow_scale.evaluation.denoise import tweedie_denoise
@@ -28,11 +29,6 @@ from tarflow_scale.models.tarflow import TarFlow
 
 # A mid-size model at the tiny run's resolution: 3x wider, deeper blocks (~40M parameters).
 MID_OVERRIDES = ["model.channels=384", "model.head_dim=64", "model.num_blocks=6", "model.layers_per_block=4"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 class PeakMemory:
@@ -68,21 +64,16 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
     fn()
     best = float("inf")
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return best
 
 
 def build(config: TarFlowConfig, device: torch.device) -> TarFlow:
-    torch.manual_seed(0)
-    model = TarFlow(config)
-    with torch.no_grad():
-        for block in model.blocks:
-            block.proj_out.weight.normal_(0, 1e-3)
-    return model.to(device).eval()
+    return model_with_live_heads(config, device).eval()
 
 
 def bench_model(

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from tarflow_scale.benchmarks.common import model_with_live_heads, sync
 from tarflow_scale.config import ConfigError, load_config
 from tarflow_scale.models.tarflow import TarFlow
 
@@ -22,17 +23,12 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 20
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b  # warm-up
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    _sync(device)
+    sync(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def count_train_flops(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None) -> int:
@@ -60,11 +56,11 @@ def bench_training(model: TarFlow, batch: int, steps: int, device: torch.device,
         optimizer.zero_grad(set_to_none=True)
 
     step()  # warm-up
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    sync(device)
     seconds = (time.perf_counter() - start) / steps
     return {"images_per_s": batch / seconds, "step_s": seconds, "flops_per_s": flops / seconds}
 
@@ -75,10 +71,10 @@ def bench_sampling(model: TarFlow, batch: int, device: torch.device, guidance: f
     y = torch.randint(0, c.num_classes, (batch,), device=device) if c.num_classes else None
     attn_temp = 1.0 if c.num_classes else 1.5  # unconditional models guide by attention temperature
     model.sample(min(batch, 2), y=None if y is None else y[:2], guidance=guidance, attn_temp=attn_temp)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     model.sample(batch, y=y, guidance=guidance, attn_temp=attn_temp)
-    _sync(device)
+    sync(device)
     return batch / (time.perf_counter() - start)
 
 
@@ -107,11 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    torch.manual_seed(0)
-    model = TarFlow(config.model).to(device)
-    with torch.no_grad():  # non-zero heads, so sampling does real work rather than the identity
-        for block in model.blocks:
-            block.proj_out.weight.normal_(0, 1e-3)
+    model = model_with_live_heads(config.model, device)
     c = config.model
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"device: {device} ({name}), {torch.get_num_threads()} CPU threads, dtype {dtype}, torch {torch.__version__}")

@@ -15,15 +15,11 @@ import time
 
 import torch
 
+from tarflow_scale.benchmarks.common import perturb_heads, sync
 from tarflow_scale.config import ConfigError, load_config
 from tarflow_scale.models.decoding import Decoding, DecodingStats
 from tarflow_scale.models.tarflow import TarFlow
 from tarflow_scale.sampling import per_sample_noise, to_uint8
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def train_briefly(
@@ -55,23 +51,16 @@ def train_briefly(
     return losses
 
 
-def perturb_heads(model: TarFlow, std: float) -> None:
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for block in model.blocks:
-            block.proj_out.weight.normal_(0, std)
-
-
 def time_sampling(model, z, y, kwargs, decoding, repeats, device) -> tuple[float, torch.Tensor, DecodingStats]:
     """Fastest of `repeats` calls after a warm-up (the minimum is least disturbed by other load)."""
     stats = DecodingStats()
     images = model.inverse(z, y, decoding=decoding, stats=stats, **kwargs)
     best = float("inf")
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         model.inverse(z, y, decoding=decoding, **kwargs)
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return best, images, stats
 
