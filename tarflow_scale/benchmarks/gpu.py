@@ -21,12 +21,14 @@ import time
 
 import torch
 
+from tarflow_scale.benchmarks.common import model_with_live_heads, sync
 from tarflow_scale.benchmarks.eval import PeakMemory
 from tarflow_scale.benchmarks.model import count_train_flops, measure_matmul_peak
 from tarflow_scale.config import ConfigError, TarFlowConfig, load_config
 from tarflow_scale.evaluation.bpd import batch_bits_per_dim
 from tarflow_scale.evaluation.generate import SampleSettings, generate
 from tarflow_scale.models.tarflow import TarFlow
+from tarflow_scale.training.trainer import apply_precision
 
 # Datasheet bf16 dense (no sparsity) tensor-core peaks, TFLOP/s, matched by substring of the device name.
 BF16_DENSE_PEAK_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.4,
@@ -45,17 +47,8 @@ def dense_peak(device: torch.device, override: float) -> tuple[float, str]:
     return measure_matmul_peak(device, torch.bfloat16), "a bf16 matmul timed in this process (no datasheet peak)"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def build(config: TarFlowConfig, device: torch.device, checkpointing: bool = False) -> TarFlow:
-    torch.manual_seed(0)
-    model = TarFlow(config)
-    with torch.no_grad():  # non-zero heads, so sampling does real work rather than the identity
-        for block in model.blocks:
-            block.proj_out.weight.normal_(0, 1e-3)
+    model = model_with_live_heads(config, torch.device("cpu"))
     if checkpointing:
         from tarflow_scale.training.trainer import apply_activation_checkpointing
 
@@ -69,11 +62,8 @@ def bench_train(
     """One GPU, plain AdamW (ZeRO's partitioning does not change one GPU's compute): images/s, FLOPs per step,
     peak memory (MiB) over the timed steps, under the trainer's precision policy."""
     model = build(config, device, checkpointing)
-    model.set_trunk_dtype(torch.bfloat16 if precision == "bf16" else None)
-    tf32 = precision == "tf32"
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
+    # The trainer's own policy: "tf32" here is its fp32 policy with TF32 matmuls, "fp32" strict fp32.
+    apply_precision(model, "bf16" if precision == "bf16" else "fp32", device, tf32=precision == "tf32")
     x = torch.rand(batch, config.in_channels, config.image_size, config.image_size, device=device) * 2 - 1
     y = torch.randint(0, config.num_classes, (batch,), device=device) if config.num_classes else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -88,11 +78,11 @@ def bench_train(
     memory = PeakMemory(device)
     step()  # warm-up (allocates the optimizer state)
     memory.reset()
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    sync(device)
     seconds = (time.perf_counter() - start) / steps
     return {"images_per_s": batch / seconds, "flops": flops, "flops_per_s": flops / seconds, "peak": memory.peak_mib()}
 
@@ -103,10 +93,10 @@ def bench_sampling(model: TarFlow, batch: int, device: torch.device, precision: 
     attn_temp = 1.0 if model.config.num_classes else 1.5
     settings = SampleSettings(guidance=1.0, attn_temp=attn_temp, precision=precision)
     generate(model, [0, 1], settings)  # warm-up
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     generate(model, list(range(batch)), settings)
-    _sync(device)
+    sync(device)
     return batch / (time.perf_counter() - start)
 
 
@@ -116,10 +106,10 @@ def bench_bpd(model: TarFlow, batch: int, device: torch.device) -> float:
     labels = (torch.arange(batch) % c.num_classes).to(device) if c.num_classes else None
     keys = [f"bench{i:06d}" for i in range(batch)]
     batch_bits_per_dim(model, pixels[:2].to(device), None if labels is None else labels[:2], keys[:2])
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     batch_bits_per_dim(model, pixels.to(device), labels, keys)
-    _sync(device)
+    sync(device)
     return batch / (time.perf_counter() - start)
 
 

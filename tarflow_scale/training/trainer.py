@@ -106,12 +106,6 @@ def _all_reduce(values: list[float | torch.Tensor], device: torch.device, op=Non
     return tensor.tolist()
 
 
-def _max_op():
-    import torch.distributed as dist
-
-    return dist.ReduceOp.MAX
-
-
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this rank: allocated device memory on GPU, the process's max RSS on CPU."""
     if device.type == "cuda":
@@ -188,12 +182,17 @@ def configure_precision(model: TarFlow, config: RunConfig, device: torch.device)
     deepspeed.tf32=false.
     """
     precision = resolve_precision(config)
+    apply_precision(model, precision, device, tf32=config.deepspeed.tf32)
+    return precision
+
+
+def apply_precision(model: TarFlow, precision: str, device: torch.device, tf32: bool = True) -> None:
+    """bf16: the Transformer trunks autocast to bf16; fp32: TF32 matmuls on a GPU when `tf32` (process-wide)."""
     model.set_trunk_dtype(torch.bfloat16 if precision == "bf16" else None)
     if device.type == "cuda":
-        tf32 = precision == "fp32" and config.deepspeed.tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-    return precision
+        allow = precision == "fp32" and tf32
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        torch.backends.cudnn.allow_tf32 = allow
 
 
 def master_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -369,7 +368,11 @@ def train_worker(config_dict: dict) -> None:
             for _ in range(state.batches_drawn):
                 next(loader)
         _maybe_inject_fault(config, state.step, rank, world)
+        # A stop request (SIGINT/SIGTERM on the driver) rides on the finiteness vote of the step's last micro-step:
+        # every rank learns it from a collective it runs anyway, and only rank 0 reads the (shared) run_dir.
+        stop = False
         for micro in range(config.grad_accum_steps):
+            last_micro = micro == config.grad_accum_steps - 1
             attempt = 0
             while True:
                 images, labels = next(loader)
@@ -387,7 +390,9 @@ def train_worker(config_dict: dict) -> None:
                 log_det_per_dim = log_det.mean() / num_dims
                 loss = prior_nll - log_det_per_dim  # -log p(x) / D, nats
                 # Every rank must agree, or the ZeRO collectives in backward would deadlock.
-                (num_finite,) = _all_reduce([torch.isfinite(loss.detach())], device)  # the one sync per micro-step
+                asks_stop = float(last_micro and rank == 0 and stop_requested(config.run_dir))
+                num_finite, stop_votes = _all_reduce([torch.isfinite(loss.detach()), asks_stop], device)  # one sync
+                stop = stop_votes > 0
                 if num_finite == world:
                     state.nonfinite_in_a_row = 0
                     break
@@ -442,8 +447,6 @@ def train_worker(config_dict: dict) -> None:
             window = {"loss": 0.0, "prior_nll": 0.0, "log_det": 0.0, "count": 0, "start": time.time(), "images": 0}
         if (train.sample_every and state.step % train.sample_every == 0) or is_last:
             _save_samples(engine, config, state.step, rank, logger)
-        # Every rank must agree on stopping at this step, or the next collective would hang.
-        (stop,) = _all_reduce([float(stop_requested(config.run_dir))], device, op=_max_op())
         if state.step % train.checkpoint_every == 0 or is_last or stop:
             saved = _save_checkpoint(engine, config, state, {"step": state.step, **last_metrics}, ema, rank)
         if stop and not is_last:
