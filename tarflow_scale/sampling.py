@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .atomic import atomic_path
-from .models.decoding import Decoding
+from .models.decoding import Decoding, DecodingStats
 from .models.tarflow import TarFlow
 
 # Large odd multiplier so (seed, index) pairs map to well-separated generator seeds.
@@ -36,9 +36,10 @@ def sample_indices(
     attn_temp: float = 1.0,
     decoding: str | Decoding | None = None,
     precision: str = "fp32",
+    stats: DecodingStats | None = None,
 ) -> Tensor:
     """Images in [-1, 1]-ish model space for the given sample indices (B, C, H, W); see TarFlow.inverse for
-    `decoding` and `precision`."""
+    `decoding`, `precision` and `stats`."""
     c = model.config
     param = next(model.parameters())
     eps = per_sample_noise(indices, (c.in_channels, c.image_size, c.image_size), seed, param.device, param.dtype)
@@ -50,6 +51,7 @@ def sample_indices(
         attn_temp=attn_temp,
         decoding=decoding,
         precision=precision,
+        stats=stats,
     )
 
 

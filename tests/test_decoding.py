@@ -105,6 +105,28 @@ def test_full_iterations_reproduce_sequential_to_float_precision(
     assert stats.passes == {k: T - 1 for k in range(model.config.num_blocks)}
 
 
+def test_decoding_stats_add_up_over_calls_and_summarise_per_call():
+    """One DecodingStats can follow many sampling calls (an evaluation chunk and its redraws): passes add up per
+    block, and the summary written to metrics.json is the mean per call, in sampling order."""
+    model = _model("affine", 0)
+    z, _ = _inputs(model)
+    T, num_blocks = model.config.num_tokens, model.config.num_blocks
+    first = DecodingStats()
+    model.inverse(z, decoding="jacobi", stats=first)
+    assert first.calls == 1 and sorted(first.passes) == list(range(num_blocks))
+    total = DecodingStats()
+    model.inverse(z, decoding="jacobi", stats=total)
+    model.inverse(z[:1], decoding="sequential", stats=total)
+    assert total.calls == 2
+    assert total.passes == {k: first.passes[k] + T - 1 for k in range(num_blocks)}
+    summary = total.summary()
+    assert summary["blocks_in_sampling_order"] == list(reversed(range(num_blocks)))
+    expected = [(first.passes[k] + T - 1) / 2 for k in reversed(range(num_blocks))]
+    assert summary["mean_passes_per_block"] == pytest.approx(expected, abs=0.01)
+    assert summary["pass_ratio"] == pytest.approx(num_blocks * (T - 1) / sum(expected), rel=1e-3)
+    assert summary["sequential_passes_per_block"] == T - 1 and summary["sampling_calls"] == 2
+
+
 def test_jacobi_stops_early_and_truncation_is_inexact():
     """The early stop saves passes on a near-identity model; a cap below the segment length is really inexact
     (so the exactness checks above are not vacuous)."""
@@ -276,3 +298,30 @@ def test_parallel_and_compiled_decoding_on_gpu_match_cpu_sequential(precision):
         out = gpu.inverse(z.cuda(), y.cuda(), guidance=1.0, decoding=decoding, precision=precision).cpu()
         assert out.dtype == torch.float32
         assert ((out - reference).abs() / (1 + reference.abs())).max() <= margin, (decoding, precision)
+
+
+def test_sample_benchmark_measures_a_given_trained_model(tmp_path, capsys):
+    """`tarflow-bench sample --model` reports the decoding figures of that model (its own config), and every
+    parallel row stays within 2 tol of the sequential images with at most T - 1 passes per block."""
+    from test_artifacts import export, random_model
+
+    from tarflow_scale.benchmarks import sample as bench
+
+    model = random_model(seed=1)
+    path = export(model, tmp_path / "model.safetensors")
+    T, num_blocks = model.config.num_tokens, model.config.num_blocks
+    args = ["--model", str(path), "--batches", "2", "--modes", "jacobi,gs_jacobi", "--repeats", "1", "--device", "cpu"]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"# trained weights: {path}" in out and f"T={T} tokens" in out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and " | 2 | " in line]
+    assert {r[2] for r in rows} == {"sequential", "jacobi", "gs_jacobi"} and len(rows) == 6  # guidance off, on
+    for row in rows:
+        passes = [int(p) for p in row[5].strip("[]").split(",")]
+        assert len(passes) == num_blocks and all(1 <= p <= T - 1 for p in passes)
+        assert passes == [T - 1] * num_blocks if row[2] == "sequential" else sum(passes) < num_blocks * (T - 1)
+        assert float(row[7]) <= 2e-4  # max abs diff against sequential at the default tol 1e-4
+    assert bench.main(["--model", str(path), "--config", "tiny"]) == 2
+    assert "--model carries its own model config" in capsys.readouterr().err
+    assert bench.main(["--model", str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err

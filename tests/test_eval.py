@@ -500,6 +500,14 @@ def test_full_evaluation_is_exact_once_and_independent_of_the_worker_count(ray_s
     assert fid["fid"] > 0 and fid["num_generated"] == 24 and fid["kid_num_generated"] == 16
     assert fid["denoised"] and "not FID" in fid["warning"]
 
+    # Model passes per block are recorded: the sequential sampler makes T - 1 in every block of every call
+    # (10 samples in chunks of 4: 3 calls; 24 FID samples: 6).
+    T, num_blocks = model.config.num_tokens, model.config.num_blocks
+    for job, calls in (("sample", 3), ("fid", 6)):
+        passes = two["results"][job]["decoding_passes"]
+        assert passes["mean_passes_per_block"] == [T - 1] * num_blocks and passes["pass_ratio"] == 1.0
+        assert passes["sampling_calls"] == calls
+
     # One worker: the same samples, the same denoised samples, the same FID; the cached reference is reused.
     one = _run(path, tmp_path / "one", *common, "eval.jobs=[sample,denoise,fid]", "cluster.num_workers=1")
     assert "fid_stats" not in one["results"] and one["cluster"]["num_workers"] == 1
@@ -557,6 +565,8 @@ def test_interrupted_evaluation_resumes_from_its_units_with_identical_metrics(ra
     assert resumed["results"]["fid"]["units"] == {"folder": str(units["fid"]), "reused": 3, "computed": 3}
     assert resumed["results"]["sample"]["units"]["computed"] == 1
     assert resumed["results"]["bpd"]["units"]["computed"] == 0
+    for job in ("sample", "fid"):  # the reused units keep their pass counts
+        assert resumed["results"][job]["decoding_passes"] == full["results"][job]["decoding_passes"]
     for job, key in (("fid", "fid"), ("fid", "kid"), ("bpd", "dequantized")):
         assert resumed["results"][job][key] == full["results"][job][key], (job, key)
     assert np.array_equal(np.load(out / "samples.npz")["images"], samples)

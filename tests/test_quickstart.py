@@ -306,6 +306,24 @@ def test_eval_console_says_when_the_fid_line_is_a_pipeline_check():
     assert summary(report("inception")).startswith("FID 0.093")
 
 
+def test_eval_console_reports_parallel_decoding_passes_but_not_sequential_ones():
+    from tarflow_scale.cli.eval import summary
+    from tarflow_scale.models.decoding import DecodingStats
+
+    def report(decoding: str, passes: dict[int, int]) -> dict:
+        stats = DecodingStats(passes, num_tokens=256, calls=1)
+        sample = {
+            "num_samples": 16, "num_nonfinite_redrawn": 0, "files": {"grid": "s.png"},
+            "settings": {"decoding": decoding, "decoding_tol": 1e-4}, "decoding_passes": stats.summary(),
+        }  # fmt: skip
+        return {"results": {"sample": sample}, "metrics_file": "m.json"}
+
+    parallel = summary(report("jacobi", {0: 6, 1: 19, 2: 20, 3: 41}))
+    assert "decoding jacobi (tol 0.0001): mean passes per block [41.0, 20.0, 19.0, 6.0]" in parallel
+    assert "vs 255 sequential, pass ratio 11.86x" in parallel
+    assert "passes" not in summary(report("sequential", {k: 255 for k in range(4)}))
+
+
 def test_every_command_line_option_has_help_text():
     import ast
 

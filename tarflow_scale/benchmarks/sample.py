@@ -2,8 +2,9 @@
 images/s, model passes per block, speed-up over sequential, and how far each mode's images are from sequential's.
 
 The iteration counts of the parallel modes depend on the weights (a zero-initialised model is the identity and
-converges in one pass), so the model is either briefly trained in this process on the bundled data
-(`--train-steps`, the honest setting) or given random output heads (`--train-steps 0`).
+converges in one pass), so the model is your trained one (`--model model.safetensors`, an export, an imported
+reference checkpoint or a model directory: the figures that decide the decoding settings for it), or one briefly
+trained in this process on the bundled data (`--train-steps`), or one with random output heads (`--train-steps 0`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def time_sampling(model, z, y, kwargs, decoding, repeats, device) -> tuple[float
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tarflow-bench sample", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="a trained model to measure (export .safetensors or model "
+                   "directory); its own config is used and --config / --train-steps are ignored")  # fmt: skip
     p.add_argument("--config", default=None, help="recipe or YAML (default: the built-in tiny quickstart model)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.channels=256")
     p.add_argument("--batches", default="1,64", help="comma-separated batch sizes")
@@ -88,14 +91,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    c = config.model
-    torch.manual_seed(0)
-    model = TarFlow(c)
+    if args.model and (args.config or args.overrides):
+        print("error: --model carries its own model config: drop --config and the overrides", file=sys.stderr)
+        return 2
+    if args.model:
+        from tarflow_scale.weights import CheckpointError
+
+        try:
+            model = TarFlow.from_pretrained(args.model)
+        except (CheckpointError, OSError) as e:
+            print(f"error: --model: {e}", file=sys.stderr)
+            return 2
+        c = model.config
+    else:
+        c = config.model
+        torch.manual_seed(0)
+        model = TarFlow(c)
     print(f"# tarflow-bench sample: {platform.node()} {device} torch {torch.__version__} "
           f"threads={torch.get_num_threads()} precision={args.precision}")  # fmt: skip
     print(f"# model: {c.image_size}px patch {c.patch_size} -> T={c.num_tokens} tokens, {c.num_blocks} blocks x "
           f"{c.layers_per_block} layers, {c.channels} channels, {c.transform}, classes={c.num_classes}")  # fmt: skip
-    if args.train_steps > 0:
+    if args.model:
+        print(f"# trained weights: {args.model}")
+    elif args.train_steps > 0:
         from tarflow_scale.data import resolve_data_path
 
         config.data.path = resolve_data_path(config.data)
@@ -124,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"# tol={args.tol} segment_size={args.segment_size} gs_jacobi_seq sequential_blocks={list(seq_blocks)}; "
           "passes/block listed in sampling order (block num_blocks-1 first)")  # fmt: skip
-    print("# CPU timings on a shared, loaded machine: compare rows of one run, not across runs")
+    if device.type == "cpu":
+        print("# CPU timings depend on the machine's other load: compare rows of one run, not across runs")
     print(
         "| guidance | batch | mode | images/s | speed-up | passes per block | pass ratio | max abs diff "
         "| 8-bit pixels differing |"

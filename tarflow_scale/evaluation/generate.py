@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..models.decoding import Decoding
+from ..models.decoding import Decoding, DecodingStats
 from ..models.tarflow import TarFlow
 from ..sampling import sample_indices
 
@@ -77,8 +77,11 @@ def _finite_rows(images: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def generate(model: TarFlow, indices: list[int], settings: SampleSettings) -> tuple[Tensor, Tensor | None, int]:
+def generate(
+    model: TarFlow, indices: list[int], settings: SampleSettings, stats: DecodingStats | None = None
+) -> tuple[Tensor, Tensor | None, int]:
     """Samples (B, C, H, W) in model space (~[-1, 1]), their labels (B,) or None, and the number of redraws.
+    `stats` receives the model passes of every sampling call, redraws included.
 
     Sample k depends only on (settings, k): its noise comes from `per_sample_noise(seed, k)` and its label is
     k mod num_classes, so the images do not depend on the batch size or the number of workers. A sample with a
@@ -95,6 +98,7 @@ def generate(model: TarFlow, indices: list[int], settings: SampleSettings) -> tu
         attn_temp=settings.attn_temp,
         decoding=settings.decoding_options(),
         precision=settings.precision,
+        stats=stats,
     )
     images = sample_indices(model, indices, settings.seed, labels, **kwargs)
     bad = (~_finite_rows(images)).nonzero().flatten().tolist()

@@ -25,6 +25,7 @@ from ..atomic import atomic_path
 from ..checkpoint import load_model
 from ..config import ConfigError, RunConfig, TarFlowConfig, from_dict, to_dict
 from ..data import DataError, check_shard_sizes, make_eval_loader, read_manifest, resolve_data_path
+from ..models.decoding import DecodingStats
 from ..models.tarflow import TarFlow
 from ..sampling import save_grid, to_uint8
 from . import fid as fidlib
@@ -157,8 +158,9 @@ class EvalWorker:
     def sample_chunk(
         self, indices: list[int], settings: SampleSettings, denoise_std: float | None, step: float
     ) -> dict[str, Any]:
-        images, labels, redrawn = generate(self.model, indices, settings)
-        out = {"indices": indices, "images": images.float().cpu(), "redrawn": redrawn}
+        stats = DecodingStats()
+        images, labels, redrawn = generate(self.model, indices, settings, stats)
+        out = {"indices": indices, "images": images.float().cpu(), "redrawn": redrawn, **_passes_arrays(stats)}
         out["labels"] = None if labels is None else labels.cpu()
         if denoise_std is not None:
             batch = self.config.eval.denoise_batch_size
@@ -181,14 +183,18 @@ class EvalWorker:
     ) -> dict[str, Any]:
         """Generate, (denoise), quantise and featurise samples `indices`: their features, one unit of the FID job
         (about 8 KB per sample for Inception; the driver saves them and streams them into the statistics)."""
-        images, labels, redrawn = generate(self.model, indices, settings)
+        stats = DecodingStats()
+        images, labels, redrawn = generate(self.model, indices, settings, stats)
         if denoise_std is not None:
             images = tweedie_denoise(self.model, images, denoise_std, labels, step, self.config.eval.denoise_batch_size)
         pixels = to_uint8(images).cpu()  # (B, C, H, W): exactly what a PNG of the sample holds
         if png_dir:
             _write_pngs(pixels, indices, png_dir)
         feats = fidlib.extract_features(pixels, self._feature_network(), self.device)
-        return {"indices": indices, "feats": np.asarray(feats), "redrawn": redrawn, "count": len(indices)}
+        return {
+            "indices": indices, "feats": np.asarray(feats), "redrawn": redrawn, "count": len(indices),
+            **_passes_arrays(stats),
+        }  # fmt: skip
 
     def reference_part(self, part: int, num_parts: int, split: str, num_reference: int) -> dict[str, Any]:
         """Feature statistics of the real images in part `part` of `num_parts` of `split` (one unit of fid_stats)."""
@@ -327,6 +333,26 @@ class WorkerPool:
 # Jobs
 
 
+PASSES_KEYS = ("passes", "calls", "tokens")
+
+
+def _passes_arrays(stats: DecodingStats) -> dict[str, Any]:
+    """A unit's decoding statistics as arrays: passes per block (index = block, forward order), calls, tokens."""
+    blocks = range(len(stats.passes))
+    return {"passes": np.array([stats.passes[k] for k in blocks]), "calls": stats.calls, "tokens": stats.num_tokens}
+
+
+def _passes_summary(units: list[dict[str, np.ndarray]]) -> dict[str, Any] | None:
+    """Mean model passes per block over every sampling call of a job (models/decoding.py DecodingStats.summary);
+    None if its units were saved before passes were recorded."""
+    if not units or any("passes" not in u for u in units):
+        return None
+    total = DecodingStats()
+    for unit in units:
+        total.merge(DecodingStats(dict(enumerate(unit["passes"].tolist())), int(unit["tokens"]), int(unit["calls"])))
+    return total.summary()
+
+
 def _run_units(
     pool: WorkerPool,
     store: UnitStore,
@@ -424,6 +450,7 @@ def run_sampling(
 
     def to_arrays(r: dict) -> dict[str, Any]:
         out = {"indices": np.array(r["indices"]), "images": r["images"].numpy(), "redrawn": r["redrawn"]}
+        out.update({k: r[k] for k in PASSES_KEYS})
         if r["labels"] is not None:
             out["labels"] = r["labels"].numpy()
         if "denoised" in r:
@@ -449,6 +476,7 @@ def run_sampling(
         "num_samples": e.num_samples,
         "num_nonfinite_redrawn": sum(r["redrawn"] for r in results),
         "settings": asdict(settings),
+        "decoding_passes": _passes_summary(units),
         **timing,
     }
     if denoise_std is not None:
@@ -547,7 +575,8 @@ def run_fid(
     names = [f"chunk_{c[0]:09d}_{c[-1]:09d}" for c in chunks]
     units = _run_units(
         pool, store, "fid_chunk", names, items, progress, lambda r: r["count"],
-        lambda r: {"indices": np.array(r["indices"]), "feats": r["feats"], "redrawn": r["redrawn"]},
+        lambda r: {"indices": np.array(r["indices"]), "feats": r["feats"], "redrawn": r["redrawn"],
+                   **{k: r[k] for k in PASSES_KEYS}},
     )  # fmt: skip
     timing = {**progress.finish(), "units": store.summary()}
     stats = fidlib.FeatureStats()
@@ -567,6 +596,7 @@ def run_fid(
         "denoise_noise_std": denoise_std,
         "num_nonfinite_redrawn": sum(r["redrawn"] for r in results),
         "settings": asdict(settings),
+        "decoding_passes": _passes_summary(units),
         "protocol": fidlib.PROTOCOL,
         **timing,
     }

@@ -391,7 +391,7 @@ class TarFlow(
         decoding: "sequential" (default), "jacobi", "gs_jacobi" or a Decoding with its options (models/decoding.py).
         precision: the Transformer's matmuls and KV cache in "fp32", "bf16" or "tf32"; the flow state, transforms
         and mixers stay in z's dtype. One KV cache is allocated for the whole call and shared by every block.
-        stats: if given, receives the model passes of each block.
+        stats: if given, the model passes of each block are added to it.
         """
         self._check_input(z)
         options = Decoding.of(decoding)
@@ -405,6 +405,7 @@ class TarFlow(
         cache = self.blocks[0].allocate_cache(batch, tokens.new_empty((), dtype=cache_dtype(precision, z.dtype)))
         if stats is not None:
             stats.num_tokens = c.num_tokens
+            stats.calls += 1
         for k in reversed(range(len(self.blocks))):
             if k < len(self.mixers):
                 tokens = self.mixers[k].inverse(tokens)
@@ -414,7 +415,7 @@ class TarFlow(
                     tokens, y, guidance, guidance_annealed, attn_temp, block_decoding, cache
                 )
             if stats is not None:
-                stats.passes[k] = passes
+                stats.add(k, passes)
         return unpatchify(tokens, c.patch_size, c.in_channels, c.image_size)
 
     @torch.no_grad()
