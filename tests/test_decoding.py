@@ -321,6 +321,10 @@ def test_sample_benchmark_measures_a_given_trained_model(tmp_path, capsys):
         assert len(passes) == num_blocks and all(1 <= p <= T - 1 for p in passes)
         assert passes == [T - 1] * num_blocks if row[2] == "sequential" else sum(passes) < num_blocks * (T - 1)
         assert float(row[7]) <= 2e-4  # max abs diff against sequential at the default tol 1e-4
+    # Under bf16 the report also says how far bf16 sequential sampling itself is from fp32.
+    assert bench.main([*args[:4], "--modes", "jacobi", "--repeats", "1", "--precision", "bf16", "--tol", "1e-2"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "bf16 sequential vs fp32 sequential" in line]
+    assert len(notes) == 2 and all(0 < float(n.split("max abs diff ")[1].split(",")[0]) < 0.5 for n in notes)
     assert bench.main(["--model", str(path), "--config", "tiny"]) == 2
     assert "--model carries its own model config" in capsys.readouterr().err
     assert bench.main(["--model", str(tmp_path / "missing.safetensors")]) == 2

@@ -20,7 +20,7 @@
 # The lent machine is offline and its image has torch, numpy, PyYAML, safetensors, huggingface_hub, tqdm,
 # scikit-image and scikit-learn but not webdataset: carry its wheels (pure Python), prepared on a networked
 # machine with
-#   pip download webdataset braceexpand --no-deps -d .wheels && echo /.wheels/ >> .git/info/exclude
+#   pip download webdataset braceexpand --no-deps -d .wheels        (.wheels/ is git-ignored)
 # and name .wheels in the call's carry list. Nothing else is needed: the benchmarks import neither Ray nor DeepSpeed.
 set -euo pipefail
 part=${1:?usage: bash tools/gpu_session.sh check|train|sample|decode|decode-paper|decode-paper-bf16|smoke [OUT_DIR]}
