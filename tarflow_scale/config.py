@@ -284,6 +284,7 @@ class EvalConfig:
     decoding_segment_size: int = 64  # gs_jacobi: tokens per segment
     decoding_sequential_blocks: list[int] = field(default_factory=list)  # model.blocks indices decoded sequentially
     decoding_compile: bool = False  # sequential: torch.compile the static-shape per-token step
+    decoding_cuda_graph: bool = False  # sequential, GPU: replay the per-token step as one CUDA graph per block
     # Sampling precision: the Transformer's matmuls and KV cache (bf16 halves the cache); the flow state, token
     # transforms and guidance stay fp32. tf32 only changes CUDA matmuls. Bits/dim is not affected (always fp32).
     precision: Literal["fp32", "bf16", "tf32"] = "fp32"
@@ -338,6 +339,8 @@ class EvalConfig:
             raise ConfigError("eval.decoding_max_iters must be >= 0 (0: the segment length)")
         if self.decoding_segment_size < 1:
             raise ConfigError("eval.decoding_segment_size must be >= 1")
+        if self.decoding_compile and self.decoding_cuda_graph:
+            raise ConfigError("eval.decoding_compile and eval.decoding_cuda_graph are alternatives: set one")
         if any(k < 0 for k in self.decoding_sequential_blocks):
             raise ConfigError(
                 f"eval.decoding_sequential_blocks must be block indices >= 0, got {self.decoding_sequential_blocks}"

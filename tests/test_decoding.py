@@ -294,10 +294,43 @@ def test_parallel_and_compiled_decoding_on_gpu_match_cpu_sequential(precision):
     gpu = model.cuda()
     # bf16: within bf16 rounding of fp32 (see the CPU bf16 test); fp32/tf32: within the decoding tolerance.
     margin = 0.05 if precision == "bf16" else 2e-3
-    for decoding in (Decoding(), Decoding("gs_jacobi", segment_size=5), Decoding(compile=True)):
+    decodings = (Decoding(), Decoding("gs_jacobi", segment_size=5), Decoding(compile=True), Decoding(cuda_graph=True))
+    for decoding in decodings:
         out = gpu.inverse(z.cuda(), y.cuda(), guidance=1.0, decoding=decoding, precision=precision).cpu()
         assert out.dtype == torch.float32
         assert ((out - reference).abs() / (1 + reference.abs())).max() <= margin, (decoding, precision)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none visible)")
+@pytest.mark.parametrize("transform", ["affine", "spline"])
+@pytest.mark.parametrize("num_classes,guidance,annealed,attn_temp", GUIDANCE)
+def test_cuda_graph_replay_gives_the_eager_sequential_samples(transform, num_classes, guidance, annealed, attn_temp):
+    """One capture per block, replayed at every position (inputs copied into fixed buffers), samples what the
+    eager sampler samples; a second call (new capture, reused cache) too."""
+    model = _model(transform, num_classes, torch.float32).cuda()
+    z, y = _inputs(model)
+    z, y = z.float().cuda(), None if y is None else y.cuda()
+    kwargs = dict(guidance=guidance, guidance_annealed=annealed, attn_temp=attn_temp)
+    eager = model.inverse(z, y, **kwargs)
+    stats = DecodingStats()
+    for _ in range(2):
+        graphed = model.inverse(z, y, decoding=Decoding(cuda_graph=True), stats=stats, **kwargs)
+        torch.testing.assert_close(graphed, eager, atol=1e-5, rtol=1e-5)
+    assert stats.passes == {k: 2 * (model.config.num_tokens - 1) for k in range(model.config.num_blocks)}
+    bf16 = model.inverse(z, y, decoding=Decoding(cuda_graph=True), precision="bf16", **kwargs)
+    assert ((bf16 - eager).abs() / (1 + eager.abs())).max() <= 0.05  # bf16 rounding, as the CPU bf16 test
+
+
+def test_cuda_graph_decoding_refuses_what_it_cannot_capture():
+    with pytest.raises(ValueError, match="compile and cuda_graph are alternatives"):
+        Decoding(compile=True, cuda_graph=True)
+    z, _ = _inputs(_model("affine", 0, torch.float32))
+    with pytest.raises(ValueError, match="needs a CUDA device; the flow state is on cpu"):
+        _model("affine", 0, torch.float32).inverse(z.float(), decoding=Decoding(cuda_graph=True))
+    # An iterative inverse with a host-side stopping test cannot be captured: refused whatever the device.
+    with pytest.raises(ValueError, match="MixtureCDFTransform inverts by iteration"):
+        _model("mixture", 0, torch.float32).inverse(z.float(), decoding=Decoding(cuda_graph=True))
 
 
 def test_sample_benchmark_measures_a_given_trained_model(tmp_path, capsys):

@@ -582,6 +582,17 @@ def test_decoding_options_are_checked_against_the_checkpoint_before_any_worker(t
     path = export(random_model(num_classes=CLASSES), tmp_path / "m.safetensors", data_path=dataset)
     assert eval_cli.main([str(path), "eval.jobs=[sample]", "eval.decoding_sequential_blocks=[9]"]) == 2
     assert "eval.decoding_sequential_blocks [9] out of range" in capsys.readouterr().err
+    assert eval_cli.main([str(path), "eval.jobs=[sample]", "eval.decoding_cuda_graph=true"]) == 2
+    assert "eval.decoding_cuda_graph=true needs GPU workers (cluster.use_gpu=true)" in capsys.readouterr().err
+    mixture = export(random_model(transform="mixture"), tmp_path / "mixture.safetensors", data_path=dataset)
+    assert (
+        eval_cli.main([str(mixture), "eval.jobs=[sample]", "eval.decoding_cuda_graph=true", "cluster.use_gpu=true"])
+        == 2
+    )
+    assert "model.transform=mixture inverts by iteration" in capsys.readouterr().err
+    both = ["eval.decoding_cuda_graph=true", "eval.decoding_compile=true"]
+    assert eval_cli.main([str(path), "eval.jobs=[sample]", *both]) == 2
+    assert "eval.decoding_compile and eval.decoding_cuda_graph are alternatives" in capsys.readouterr().err
     assert eval_cli.main([str(path), "--dry-run", "eval.decoding=gs_jacobi", "eval.precision=bf16"]) == 0
     out = capsys.readouterr().out
     assert "decoding: gs_jacobi" in out and "precision: bf16" in out

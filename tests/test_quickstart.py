@@ -198,6 +198,13 @@ def test_sample_cli_writes_pngs_grid_and_npz_and_refuses_guidance_without_labels
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
     recorded = json.loads(str(parallel["settings"]))
     assert (recorded["decoding"], recorded["decoding_tol"], recorded["precision"]) == ("jacobi", 0.0, "fp32")
+    # --cuda-graph is refused, saying why, where it cannot run (before anything is written).
+    graphed = [str(path), "--num", "2", "--cuda-graph", "--out", str(tmp_path / "g")]
+    assert main(graphed + ["--device", "cpu"]) == 2
+    assert "--cuda-graph needs a CUDA device (--device is cpu)" in capsys.readouterr().err
+    assert main(graphed + ["--device", "cuda", "--decoding", "jacobi"]) == 2
+    assert "--cuda-graph applies to --decoding sequential" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
 
 
 def test_exports_are_readable_by_others(tmp_path):

@@ -57,13 +57,13 @@ sample)
     run gpu --config imagenet64_density --only bpd --bpd-batch 256
     ;;
 decode)
-    run sample --train-steps 150 --repeats 2 --batches 1,64,256 --compile
+    run sample --train-steps 150 --repeats 2 --batches 1,64,256 --compile --cuda-graph
     ;;
 decode-paper)
     # fp32 (exact Jacobi; tol 1e-4) on the paper's conditional model, trained in-process for a few steps so the
     # iteration counts are a trained model's; the block decoded first from noise sequential in gs_jacobi_seq.
     run sample --config imagenet64_cond data.path=bundled --train-steps 100 --repeats 1 --batches 1,16 \
-        --modes jacobi,gs_jacobi_seq --segment-size 128
+        --modes jacobi,gs_jacobi_seq --segment-size 128 --cuda-graph
     ;;
 decode-paper-bf16)
     # bf16 rounds the Transformer's inputs, which puts a floor of ~1e-2 under Jacobi's changes (docs/sampling.md):

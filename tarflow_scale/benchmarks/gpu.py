@@ -87,11 +87,12 @@ def bench_train(
     return {"images_per_s": batch / seconds, "flops": flops, "flops_per_s": flops / seconds, "peak": memory.peak_mib()}
 
 
-def bench_sampling(model: TarFlow, batch: int, device: torch.device, precision: str) -> float:
+def bench_sampling(model: TarFlow, batch: int, device: torch.device, precision: str, cuda_graph: bool = False) -> float:
     """Guided sampling images/s (guidance 1: the conditional and guiding passes run as one batch of 2B).
-    bf16: the sampler's own precision policy (eval.precision): bf16 matmuls and KV cache, fp32 flow state."""
+    bf16: the sampler's own precision policy (eval.precision): bf16 matmuls and KV cache, fp32 flow state.
+    cuda_graph: the sequential step replayed as one CUDA graph per block (eval.decoding_cuda_graph)."""
     attn_temp = 1.0 if model.config.num_classes else 1.5
-    settings = SampleSettings(guidance=1.0, attn_temp=attn_temp, precision=precision)
+    settings = SampleSettings(guidance=1.0, attn_temp=attn_temp, precision=precision, decoding_cuda_graph=cuda_graph)
     generate(model, [0, 1], settings)  # warm-up
     sync(device)
     start = time.perf_counter()
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
             for precision in ("fp32", "bf16"):
                 rate = bench_sampling(model, args.sample_batch, device, precision)
                 row(f"guided sampling, batch {args.sample_batch}, {precision}", f"{rate:.2f} images/s")
+            if device.type == "cuda" and model.blocks[0].transform.closed_form_inverse:
+                rate = bench_sampling(model, args.sample_batch, device, "bf16", cuda_graph=True)
+                row(f"guided sampling, batch {args.sample_batch}, bf16, CUDA graph", f"{rate:.2f} images/s")
         if "bpd" in parts:
             row(f"bits/dim (fp32), batch {args.bpd_batch}", f"{bench_bpd(model, args.bpd_batch, device):.1f} images/s")
     return 0

@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="timed calls per setting; the fastest counts")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "tf32"], help="sampling precision")
     p.add_argument("--compile", action="store_true", help="also time the compiled static-shape sequential step")
+    p.add_argument("--cuda-graph", action="store_true", help="also time the sequential step replayed as a CUDA graph")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = p.parse_args(argv)
     try:
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = torch.device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        print(f"error: --cuda-graph needs a CUDA device (--device is {device})", file=sys.stderr)
+        return 2
     if args.model and (args.config or args.overrides):
         print("error: --model carries its own model config: drop --config and the overrides", file=sys.stderr)
         return 2
@@ -165,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             runs = {"sequential": Decoding()}
             if args.compile:
                 runs["sequential+compile"] = Decoding(compile=True)
+            if args.cuda_graph:
+                runs["sequential+cuda_graph"] = Decoding(cuda_graph=True)
             runs.update({m: modes[m] for m in chosen})
             base_s, base_images = None, None
             for name, decoding in runs.items():

@@ -61,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="fp32",
         help="the Transformer's matmuls and KV cache (the flow state stays fp32); default fp32",
     )
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="sequential decoding on a GPU: capture each block's per-token step once as a CUDA graph and replay it "
+        "(one launch per token; affine, shift and spline models)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples drawn at once (default 32)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -105,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.num < 1:
         print("tarflow-sample: --num must be >= 1", file=sys.stderr)
         return 2
+    if args.cuda_graph and not device.startswith("cuda"):
+        print(f"tarflow-sample: --cuda-graph needs a CUDA device (--device is {device})", file=sys.stderr)
+        return 2
+    if args.cuda_graph and args.decoding != "sequential":
+        print("tarflow-sample: --cuda-graph applies to --decoding sequential", file=sys.stderr)
+        return 2
     try:
         run_config = read_training_config(checkpoint)
         from tarflow_scale.checkpoint import load_model
@@ -119,6 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         labels = [args.classes[k % len(args.classes)] for k in range(args.num)]
     elif args.balanced:
         labels = "balanced"
+    if args.cuda_graph and not model.blocks[0].transform.closed_form_inverse:
+        print(
+            f"tarflow-sample: --cuda-graph needs a closed-form token inverse; this model's {model.config.transform} "
+            "transform inverts by iteration",
+            file=sys.stderr,
+        )
+        return 2
     if (args.classes or args.balanced) and not num_classes:
         print("tarflow-sample: --class/--balanced given, but the model is unconditional", file=sys.stderr)
         return 2
@@ -161,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         on_batch=progress,
-        decoding=Decoding(mode=args.decoding, tol=args.tol),
+        decoding=Decoding(mode=args.decoding, tol=args.tol, cuda_graph=args.cuda_graph),
         precision=args.precision,
     )
     settings = {
@@ -174,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "decoding": args.decoding,
         "decoding_tol": args.tol if args.decoding != "sequential" else None,
         "precision": args.precision,
+        "cuda_graph": args.cuda_graph,
         "denoised": denoise,
         "denoise_noise_std": noise_std if denoise else 0.0,
         "labels": None if y is None else y.tolist(),

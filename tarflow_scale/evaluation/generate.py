@@ -35,6 +35,7 @@ class SampleSettings:
     decoding_sequential_blocks: tuple[int, ...] = ()
     decoding_compile: bool = False
     precision: str = "fp32"
+    decoding_cuda_graph: bool = False
 
     @classmethod
     def from_eval_config(cls, e) -> SampleSettings:
@@ -42,13 +43,13 @@ class SampleSettings:
         return cls(
             e.seed, e.guidance, e.guidance_annealed, e.attn_temp, e.max_redraws, e.decoding, e.decoding_tol,
             e.decoding_max_iters, e.decoding_segment_size, tuple(e.decoding_sequential_blocks), e.decoding_compile,
-            e.precision,
+            e.precision, e.decoding_cuda_graph,
         )  # fmt: skip
 
     def decoding_options(self) -> Decoding:
         return Decoding(
             self.decoding, self.decoding_tol, self.decoding_max_iters, self.decoding_segment_size,
-            self.decoding_sequential_blocks, self.decoding_compile,
+            self.decoding_sequential_blocks, self.decoding_compile, self.decoding_cuda_graph,
         )  # fmt: skip
 
 

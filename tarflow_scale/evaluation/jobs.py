@@ -710,6 +710,13 @@ def evaluate(
             f"eval.decoding_sequential_blocks {bad_blocks} out of range: the checkpoint has "
             f"model.num_blocks={model.config.num_blocks}"
         )
+    if e.decoding_cuda_graph and not config.cluster.use_gpu:
+        raise ConfigError("eval.decoding_cuda_graph=true needs GPU workers (cluster.use_gpu=true)")
+    if e.decoding_cuda_graph and not model.blocks[0].transform.closed_form_inverse:
+        raise ConfigError(
+            f"eval.decoding_cuda_graph=true needs a closed-form token inverse; model.transform="
+            f"{model.config.transform} inverts by iteration (use eval.decoding_compile=true instead)"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
 
     weights = model_fingerprint(model)

@@ -45,6 +45,10 @@ class Decoding:
     sequential_blocks: tuple[int, ...] = ()
     # sequential: run the static-shape per-token step under torch.compile (one graph for every position).
     compile: bool = False
+    # sequential, CUDA only: capture the static-shape per-token step once per block as a CUDA graph and replay it
+    # at every position (one launch per token instead of one per kernel). Needs a closed-form token inverse
+    # (affine, shift, spline).
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in DECODING_MODES:
@@ -55,6 +59,8 @@ class Decoding:
             raise ValueError(f"decoding max_iters must be >= 0 (0: segment length), got {self.max_iters}")
         if self.segment_size < 1:
             raise ValueError(f"decoding segment_size must be >= 1, got {self.segment_size}")
+        if self.compile and self.cuda_graph:
+            raise ValueError("decoding compile and cuda_graph are alternatives for the sequential step: pick one")
         object.__setattr__(self, "sequential_blocks", tuple(int(k) for k in self.sequential_blocks))
 
     @classmethod

@@ -178,7 +178,9 @@ class FlowBlock(nn.Module):
         if cache is None:
             cache = self.allocate_cache(batch, z)
         cond_embed = self.label_embedding(labels, batch, z)
-        if options.mode == "sequential" and options.compile:
+        if options.mode == "sequential" and options.cuda_graph:
+            x, passes = self._inverse_graphed(z, cond_embed, temps, guidance, guidance_annealed, cache)
+        elif options.mode == "sequential" and options.compile:
             x, passes = self._inverse_static(z, cond_embed, temps, guidance, guidance_annealed, cache)
         elif options.mode == "sequential":
             x, passes = self._inverse_sequential(z, cond_embed, temps, guidance, guidance_annealed, cache)
@@ -246,6 +248,45 @@ class FlowBlock(nn.Module):
         for t in range(T - 1):
             x[:, t + 1] = step(x[:, t : t + 1], z[:, t + 1], positions[t], cond_embed, temps, cache, guidance,
                                guidance_annealed)  # fmt: skip
+        return x, T - 1
+
+    def _inverse_graphed(self, z, cond_embed, temps, guidance, guidance_annealed, cache) -> tuple[Tensor, int]:
+        """Sequential decoding with `static_step` captured once as a CUDA graph (Decoding.cuda_graph) and replayed
+        at every position: its inputs are copied into fixed buffers, and the cache, weights, labels and
+        temperatures keep their addresses for the whole block, which is what replay requires."""
+        if not self.transform.closed_form_inverse:
+            raise ValueError(
+                f"decoding cuda_graph needs a closed-form token inverse; {type(self.transform).__name__} inverts "
+                "by iteration with a host-side stopping test (use compile=True or the eager sampler)"
+            )
+        if z.device.type != "cuda":
+            raise ValueError(f"decoding cuda_graph needs a CUDA device; the flow state is on {z.device}")
+        T = z.shape[1]
+        x = z.clone()
+        token, z_next = x[:, :1].clone(), z[:, 1].clone()
+        pos = torch.zeros((), dtype=torch.int64, device=z.device)
+
+        def step() -> Tensor:
+            return self.static_step(token, z_next, pos, cond_embed, temps, cache, guidance, guidance_annealed)
+
+        # Under bf16 sampling, autocast's cache of cast weights must be off while capturing: cached copies made
+        # during capture are freed when the cache clears, and replays would read freed memory.
+        bf16 = torch.is_autocast_enabled("cuda")
+        autocast = torch.autocast("cuda", torch.get_autocast_dtype("cuda"), cache_enabled=False) if bf16 else None
+        side = torch.cuda.Stream(z.device)  # warm-up off the capturing stream, as CUDA graph capture requires
+        side.wait_stream(torch.cuda.current_stream(z.device))
+        with torch.cuda.stream(side), autocast or nullcontext():
+            step()  # position 0: writes the cache slot that the first replay writes again
+        torch.cuda.current_stream(z.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), autocast or nullcontext():
+            out = step()
+        for t in range(T - 1):
+            token.copy_(x[:, t : t + 1])
+            z_next.copy_(z[:, t + 1])
+            pos.fill_(t)
+            graph.replay()
+            x[:, t + 1] = out
         return x, T - 1
 
     def _inverse_jacobi(

@@ -24,6 +24,8 @@ class TokenTransform:
     """
 
     num_params: int
+    # The inverse is a fixed sequence of tensor ops (no host-side convergence test), so a CUDA graph can capture it.
+    closed_form_inverse: bool = True
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError

@@ -70,6 +70,8 @@ class MixtureCDFTransform(TokenTransform):
         True
     """
 
+    closed_form_inverse = False  # bisection / Newton with a host-side stopping test: not CUDA-graph capturable
+
     def __init__(self, num_components: int, inverse_tol: float = 1e-10, max_iter: int = 100) -> None:
         if num_components < 1:
             raise ValueError(f"num_components must be >= 1, got {num_components}")

@@ -71,6 +71,8 @@ class DeepSigmoidalTransform(TokenTransform):
         True
     """
 
+    closed_form_inverse = False  # bisection / Newton with a host-side stopping test: not CUDA-graph capturable
+
     INIT_SHIFT_SPREAD = 1.0  # init_head: shifts b_j evenly in [-1, 1], slopes 1, equal weights
 
     def __init__(
