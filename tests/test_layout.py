@@ -126,3 +126,31 @@ def test_wheel_holds_one_package_and_every_recipe(tmp_path):
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"tarflow_scale"}
     recipes = {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "configs").rglob("*.yaml")}
     assert {f"tarflow_scale/{r}" for r in recipes} <= set(names)
+
+
+def test_gpu_benchmarks_and_the_sampler_run_without_ray_or_deepspeed():
+    """tools/gpu_session.sh runs the GPU benchmarks on a bare GPU image (torch, no Ray, no DeepSpeed): importing
+    them, and the sampling and evaluation-worker code they call, must not need either."""
+    modules = [
+        "tarflow_scale.cli.bench", "tarflow_scale.benchmarks.gpu", "tarflow_scale.benchmarks.sample",
+        "tarflow_scale.benchmarks.eval", "tarflow_scale.sampling", "tarflow_scale.evaluation.generate",
+    ]  # fmt: skip
+    script = (
+        "import importlib, sys\n"
+        "class Refuse:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('ray', 'deepspeed'):\n"
+        "            raise ImportError(f'{name} imported')\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        f"for m in {modules!r}:\n"
+        "    importlib.import_module(m)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    # The refusal is real: the evaluation's Ray worker pool does need Ray.
+    refused = subprocess.run(
+        [sys.executable, "-c", script.replace(f"for m in {modules!r}", "for m in ['tarflow_scale.evaluation.jobs']")],
+        capture_output=True, text=True, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "imported" in refused.stderr

@@ -8,7 +8,9 @@
 #   check    nvidia-smi, versions, and the GPU-only tests (tests/test_gpu.py)                       ~1 min
 #   train    tarflow-bench gpu: bf16 images/s + MFU, peak memory with and without activation
 #            checkpointing (imagenet64_uncond), fp32+TF32 images/s (imagenet64_density)              ~3 min
-#   sample   tarflow-bench gpu: guided sampling at batch 256 in fp32 and bf16, bits/dim images/s        ~5 min
+#   sample   tarflow-bench gpu: guided sampling at batch 256 in fp32, bf16 and bf16 + CUDA graph,
+#            bits/dim images/s                                                                        ~6 min
+#   eval     tarflow-bench eval: per evaluation job, images/s and peak memory of one worker (batch 64) ~4 min
 #   decode   tarflow-bench sample: decoding modes on the quickstart model trained in-process
 #            (batches 1, 64, 256; the compiled sequential step too)                                   ~5 min
 #   decode-paper  tarflow-bench sample: jacobi and gs_jacobi vs sequential on the paper's class-conditional
@@ -23,7 +25,7 @@
 #   pip download webdataset braceexpand --no-deps -d .wheels        (.wheels/ is git-ignored)
 # and name .wheels in the call's carry list. Nothing else is needed: the benchmarks import neither Ray nor DeepSpeed.
 set -euo pipefail
-part=${1:?usage: bash tools/gpu_session.sh check|train|sample|decode|decode-paper|decode-paper-bf16|smoke [OUT_DIR]}
+part=${1:?usage: bash tools/gpu_session.sh check|train|sample|eval|decode|decode-paper|decode-paper-bf16|smoke [OUT_DIR]}
 out=${2:-${OUT:-gpu_results}}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -46,7 +48,7 @@ case $part in
 check)
     { nvidia-smi || true; "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"; } 2>&1 | tee -a "$log"
-    "$python" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee -a "$log"
+    "$python" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_decoding.py 2>&1 | tee -a "$log"
     ;;
 train)
     run gpu --config imagenet64_uncond --only train,memory
@@ -55,6 +57,11 @@ train)
 sample)
     run gpu --config imagenet64_uncond --only sample --sample-batch 256
     run gpu --config imagenet64_density --only bpd --bpd-batch 256
+    ;;
+eval)
+    # Per evaluation job: images/s and peak memory of one worker on the paper's model (eval.denoise_batch_size
+    # from the recipe); batch 64 keeps the eight sampling calls inside one call's time.
+    run eval --config imagenet64_uncond --no-mid --batch-size 64 --repeats 1
     ;;
 decode)
     run sample --train-steps 150 --repeats 2 --batches 1,64,256 --compile --cuda-graph
@@ -73,12 +80,13 @@ decode-paper-bf16)
     ;;
 smoke)
     run gpu --config tiny --only train,memory,tf32,sample,bpd --micro-batch 4 --sample-batch 4 --bpd-batch 4 --steps 1
+    run eval --config tiny --no-mid --batch-size 2 --repeats 1
     run sample --config tiny data.path=bundled --train-steps 2 --repeats 1 --batches 2 --modes jacobi
     run sample --config tiny model.num_classes=3 --precision bf16 --tol 1e-2 --train-steps 0 --repeats 1 \
         --batches 2 --modes jacobi,gs_jacobi_seq --segment-size 16
     ;;
 *)
-    echo "unknown part '$part': check, train, sample, decode, decode-paper, decode-paper-bf16 or smoke" >&2
+    echo "unknown part '$part': check, train, sample, eval, decode, decode-paper, decode-paper-bf16 or smoke" >&2
     exit 2
     ;;
 esac
