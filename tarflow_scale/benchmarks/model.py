@@ -32,12 +32,19 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 20
 
 
 def count_train_flops(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None) -> int:
+    """FLOPs of one training step (forward + backward) on the batch x, as torch's FlopCounterMode counts them.
+
+    Counted on one image and multiplied by the batch (FLOPs are linear in it), with SDPA on its math backend: its
+    matmuls are counted on every device (a fused CPU attention kernel is not registered with the counter, and
+    would drop ~20% of the paper model's FLOPs), the full T x T attention as the registered GPU kernels count it.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
-        (-model.log_prob(x, y).mean()).backward()
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        (-model.log_prob(x[:1], None if y is None else y[:1]).mean()).backward()
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+    return counter.get_total_flops() * x.shape[0]
 
 
 def bench_training(model: TarFlow, batch: int, steps: int, device: torch.device, dtype: torch.dtype) -> dict:
