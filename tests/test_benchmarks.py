@@ -46,3 +46,35 @@ def test_counted_training_flops_equal_the_architecture_count(overrides):
     expected = analytic_train_flops(config, model.blocks[0].transform.num_params)
     assert count_train_flops(model, x, y) == batch * expected
     assert all(p.grad is None for p in model.parameters())  # counting leaves no gradients behind
+
+
+def test_gpu_session_runbook_runs_every_part_at_toy_size_without_ray_or_deepspeed(tmp_path):
+    """`tools/gpu_session.sh smoke` (every GPU part at toy sizes, on CPU) under an interpreter that refuses to
+    import Ray and DeepSpeed, as on the bare GPU image the runbook is written for."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    refuse = tmp_path / "site" / "sitecustomize.py"
+    refuse.parent.mkdir()
+    refuse.write_text(
+        "import sys\n"
+        "class Refuse:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('ray', 'deepspeed'):\n"
+        "            raise ImportError(f'{name} is not on the GPU image')\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(refuse.parent)}
+    script = str(root / "tools" / "gpu_session.sh")
+    done = subprocess.run(["bash", script, "smoke", str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = (tmp_path / "out" / "smoke.txt").read_text()
+    for expected in ("bf16 MFU", "peak memory, bf16, micro-batch 4, activation checkpointing",
+                     "guided sampling, batch 4, bf16", "bits/dim (fp32), batch 4", "sample, guided",
+                     "| off | 2 | jacobi |", "bf16 sequential vs fp32 sequential"):  # fmt: skip
+        assert expected in log, expected
+    assert log.count("# wall time:") == 4 and "imported" not in log
+    bad = subprocess.run(["bash", script, "nonsense", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown part 'nonsense'" in bad.stderr and not (tmp_path / "bad").exists()

@@ -17,7 +17,7 @@
 #            model in fp32, trained in-process for a few steps so the iteration counts are a trained
 #            model's (batches 1 and 16)                                                                ~8 min
 #   decode-paper-bf16  the same in bf16 (gs_jacobi with the first block sequential, tol 1e-2)        ~5 min
-#   smoke    every part above at toy sizes on the CPU (what CI-like machines can check)              ~3 min
+#   smoke    every part above at toy sizes on the CPU (tests/test_layout.py runs it)                 ~1 min
 #
 # The lent machine is offline and its image has torch, numpy, PyYAML, safetensors, huggingface_hub, tqdm,
 # scikit-image and scikit-learn but not webdataset: carry its wheels (pure Python), prepared on a networked
@@ -26,6 +26,13 @@
 # and name .wheels in the call's carry list. Nothing else is needed: the benchmarks import neither Ray nor DeepSpeed.
 set -euo pipefail
 part=${1:?usage: bash tools/gpu_session.sh check|train|sample|eval|decode|decode-paper|decode-paper-bf16|smoke [OUT_DIR]}
+case $part in
+check | train | sample | eval | decode | decode-paper | decode-paper-bf16 | smoke) ;;
+*)
+    echo "unknown part '$part': check, train, sample, eval, decode, decode-paper, decode-paper-bf16 or smoke" >&2
+    exit 2
+    ;;
+esac
 out=${2:-${OUT:-gpu_results}}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -82,11 +89,7 @@ smoke)
     run gpu --config tiny --only train,memory,tf32,sample,bpd --micro-batch 4 --sample-batch 4 --bpd-batch 4 --steps 1
     run eval --config tiny --no-mid --batch-size 2 --repeats 1
     run sample --config tiny data.path=bundled --train-steps 2 --repeats 1 --batches 2 --modes jacobi
-    run sample --config tiny model.num_classes=3 --precision bf16 --tol 1e-2 --train-steps 0 --repeats 1 \
-        --batches 2 --modes jacobi,gs_jacobi_seq --segment-size 16
-    ;;
-*)
-    echo "unknown part '$part': check, train, sample, eval, decode, decode-paper, decode-paper-bf16 or smoke" >&2
-    exit 2
+    run sample --config tiny model.num_classes=3 model.num_blocks=2 model.patch_size=8 --precision bf16 --tol 1e-2 \
+        --train-steps 0 --repeats 1 --batches 2 --modes gs_jacobi_seq --segment-size 16
     ;;
 esac
