@@ -198,6 +198,18 @@ def test_sample_cli_writes_pngs_grid_and_npz_and_refuses_guidance_without_labels
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
     recorded = json.loads(str(parallel["settings"]))
     assert (recorded["decoding"], recorded["decoding_tol"], recorded["precision"]) == ("jacobi", 0.0, "fp32")
+    # gs_jacobi with its options, the last block (inverted first) sequential: again the sequential images at tol 0.
+    segmented = tmp_path / "segmented"
+    last = model.config.num_blocks - 1
+    options = ["--decoding", "gs_jacobi", "--tol", "0", "--segment-size", "3", "--sequential-blocks", str(last)]
+    assert main(argv[:-1] + [str(segmented), *options]) == 0
+    gs = np.load(segmented / "samples.npz")
+    diff = np.abs(gs["images"].astype(int) - saved["images"].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    recorded = json.loads(str(gs["settings"]))
+    assert (recorded["decoding_segment_size"], recorded["decoding_sequential_blocks"]) == (3, [last])
+    assert main(argv[:-1] + [str(tmp_path / "oob"), "--decoding", "gs_jacobi", "--sequential-blocks", "9"]) == 2
+    assert "--sequential-blocks [9] out of range" in capsys.readouterr().err and not (tmp_path / "oob").exists()
     # --cuda-graph is refused, saying why, where it cannot run (before anything is written).
     graphed = [str(path), "--num", "2", "--cuda-graph", "--out", str(tmp_path / "g")]
     assert main(graphed + ["--device", "cpu"]) == 2

@@ -55,6 +55,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "reach the same images up to --tol (docs/sampling.md)",
     )
     parser.add_argument("--tol", type=float, default=1e-4, help="jacobi/gs_jacobi stopping tolerance (default 1e-4)")
+    parser.add_argument("--segment-size", type=int, default=64, help="gs_jacobi: tokens per segment (default 64)")
+    parser.add_argument(
+        "--sequential-blocks",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="K",
+        help="block indices (model.blocks order; the last is inverted first) decoded sequentially whatever "
+        "--decoding says: the blocks whose Jacobi iterations converge slowly (docs/sampling.md)",
+    )
     parser.add_argument(
         "--precision",
         choices=["fp32", "bf16", "tf32"],
@@ -131,6 +141,19 @@ def main(argv: list[str] | None = None) -> int:
         labels = [args.classes[k % len(args.classes)] for k in range(args.num)]
     elif args.balanced:
         labels = "balanced"
+    try:
+        decoding = Decoding(
+            mode=args.decoding, tol=args.tol, segment_size=args.segment_size,
+            sequential_blocks=tuple(args.sequential_blocks), cuda_graph=args.cuda_graph,
+        )  # fmt: skip
+    except ValueError as e:
+        print(f"tarflow-sample: {e}", file=sys.stderr)
+        return 2
+    bad = [k for k in decoding.sequential_blocks if not 0 <= k < model.config.num_blocks]
+    if bad:
+        print(f"tarflow-sample: --sequential-blocks {bad} out of range: the model has "
+              f"{model.config.num_blocks} blocks (0..{model.config.num_blocks - 1})", file=sys.stderr)  # fmt: skip
+        return 2
     if args.cuda_graph and not model.blocks[0].transform.closed_form_inverse:
         print(
             f"tarflow-sample: --cuda-graph needs a closed-form token inverse; this model's {model.config.transform} "
@@ -180,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         on_batch=progress,
-        decoding=Decoding(mode=args.decoding, tol=args.tol, cuda_graph=args.cuda_graph),
+        decoding=decoding,
         precision=args.precision,
     )
     settings = {
@@ -192,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         "attn_temp": args.attn_temp,
         "decoding": args.decoding,
         "decoding_tol": args.tol if args.decoding != "sequential" else None,
+        "decoding_segment_size": args.segment_size if args.decoding == "gs_jacobi" else None,
+        "decoding_sequential_blocks": list(args.sequential_blocks),
         "precision": args.precision,
         "cuda_graph": args.cuda_graph,
         "denoised": denoise,
