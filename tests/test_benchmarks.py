@@ -78,3 +78,24 @@ def test_gpu_session_runbook_runs_every_part_at_toy_size_without_ray_or_deepspee
     assert log.count("# wall time:") == 4 and "imported" not in log
     bad = subprocess.run(["bash", script, "nonsense", str(tmp_path / "bad")], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown part 'nonsense'" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_gpu_benchmark_reports_a_setting_that_runs_out_of_memory_and_goes_on(monkeypatch, capsys):
+    """On a lent GPU the rows are taken in one call: a setting that does not fit is a row, not the end of it."""
+    from tarflow_scale.benchmarks import gpu
+
+    measure = gpu.bench_train
+
+    def no_room_without_checkpointing(config, batch, steps, device, precision, checkpointing):
+        if not checkpointing:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return measure(config, batch, steps, device, precision, checkpointing)
+
+    monkeypatch.setattr(gpu, "bench_train", no_room_without_checkpointing)
+    args = ["--config", "tiny", "--device", "cpu", "--micro-batch", "2", "--steps", "1", "--only", "train,memory,bpd",
+            "--bpd-batch", "2", "model.num_blocks=2", "model.patch_size=8"]  # fmt: skip
+    assert gpu.main(args) == 0
+    out = capsys.readouterr().out
+    assert "bf16 training, micro-batch 2" in out and "out of memory" in out
+    assert "bf16 MFU" not in out  # nothing is reported for the setting that did not run
+    assert "peak memory, bf16, micro-batch 2, activation checkpointing" in out and "bits/dim (fp32), batch 2" in out

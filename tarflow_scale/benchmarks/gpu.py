@@ -152,36 +152,61 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((label, value))
         print(f"{label:<68} {value}", flush=True)
 
+    def fits(label: str, measure):
+        """measure(), or None after a row saying the setting ran out of GPU memory: the remaining rows still run
+        (a one-shot session on a lent GPU should not lose them to the first setting that does not fit)."""
+        try:
+            return measure()
+        except torch.cuda.OutOfMemoryError:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                row(
+                    label,
+                    f"out of GPU memory ({torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB)",
+                )
+            else:
+                row(label, "out of memory")
+            return None
+
     b = args.micro_batch
     if "train" in parts:
         peak, source = dense_peak(device, args.peak_tflops)
-        r = bench_train(c, b, args.steps, device, "bf16", checkpointing=False)
-        row(f"bf16 training, micro-batch {b}", f"{r['images_per_s']:.1f} images/s")
-        row(
-            "bf16 MFU (counted FLOPs / bf16 dense peak)",
-            f"{100 * r['flops_per_s'] / peak:.1f}% ({r['flops'] / b / 1e9:.1f} GFLOP/image; peak: {source})",
-        )
-        if "memory" in parts:
-            row(f"peak memory, bf16, micro-batch {b}, no activation checkpointing", f"{r['peak']:.0f} {mib}")
+        r = fits(f"bf16 training, micro-batch {b}", lambda: bench_train(c, b, args.steps, device, "bf16", False))
+        if r:
+            row(f"bf16 training, micro-batch {b}", f"{r['images_per_s']:.1f} images/s")
+            row(
+                "bf16 MFU (counted FLOPs / bf16 dense peak)",
+                f"{100 * r['flops_per_s'] / peak:.1f}% ({r['flops'] / b / 1e9:.1f} GFLOP/image; peak: {source})",
+            )
+            if "memory" in parts:
+                row(f"peak memory, bf16, micro-batch {b}, no activation checkpointing", f"{r['peak']:.0f} {mib}")
     if "memory" in parts:
-        r = bench_train(c, b, max(1, args.steps // 5), device, "bf16", checkpointing=True)
-        row(f"peak memory, bf16, micro-batch {b}, activation checkpointing", f"{r['peak']:.0f} {mib}")
-        row(f"bf16 training with activation checkpointing, micro-batch {b}", f"{r['images_per_s']:.1f} images/s")
+        label = f"bf16 training with activation checkpointing, micro-batch {b}"
+        r = fits(label, lambda: bench_train(c, b, max(1, args.steps // 5), device, "bf16", checkpointing=True))
+        if r:
+            row(f"peak memory, bf16, micro-batch {b}, activation checkpointing", f"{r['peak']:.0f} {mib}")
+            row(label, f"{r['images_per_s']:.1f} images/s")
     if "tf32" in parts:
-        label = "fp32+TF32" if device.type == "cuda" else "fp32 (no TF32 on CPU)"
-        r = bench_train(c, b, args.steps, device, "tf32", checkpointing=False)
-        row(f"{label} training (density recipe policy), micro-batch {b}", f"{r['images_per_s']:.1f} images/s")
+        label = f"{'fp32+TF32' if device.type == 'cuda' else 'fp32 (no TF32 on CPU)'} training (density recipe policy)"
+        r = fits(f"{label}, micro-batch {b}", lambda: bench_train(c, b, args.steps, device, "tf32", False))
+        if r:
+            row(f"{label}, micro-batch {b}", f"{r['images_per_s']:.1f} images/s")
     if "sample" in parts or "bpd" in parts:
         model = build(c, device).eval()
         if "sample" in parts:
-            for precision in ("fp32", "bf16"):
-                rate = bench_sampling(model, args.sample_batch, device, precision)
-                row(f"guided sampling, batch {args.sample_batch}, {precision}", f"{rate:.2f} images/s")
-            if device.type == "cuda" and model.blocks[0].transform.closed_form_inverse:
-                rate = bench_sampling(model, args.sample_batch, device, "bf16", cuda_graph=True)
-                row(f"guided sampling, batch {args.sample_batch}, bf16, CUDA graph", f"{rate:.2f} images/s")
+            graph = device.type == "cuda" and model.blocks[0].transform.closed_form_inverse
+            for precision, cuda_graph in (("fp32", False), ("bf16", False)) + ((("bf16", True),) if graph else ()):
+                label = f"guided sampling, batch {args.sample_batch}, {precision}{', CUDA graph' * cuda_graph}"
+                rate = fits(
+                    label, lambda p=precision, g=cuda_graph: bench_sampling(model, args.sample_batch, device, p, g)
+                )
+                if rate is not None:
+                    row(label, f"{rate:.2f} images/s")
         if "bpd" in parts:
-            row(f"bits/dim (fp32), batch {args.bpd_batch}", f"{bench_bpd(model, args.bpd_batch, device):.1f} images/s")
+            label = f"bits/dim (fp32), batch {args.bpd_batch}"
+            rate = fits(label, lambda: bench_bpd(model, args.bpd_batch, device))
+            if rate is not None:
+                row(label, f"{rate:.1f} images/s")
     return 0
 
 
