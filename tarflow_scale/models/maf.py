@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError
 from .priors import GaussianPrior
+from .vector_flow import VectorFlowStack
 
 
 @dataclass
@@ -105,7 +106,7 @@ class MAFLayer(nn.Module):
         return self.permute(x)
 
 
-class MAF(nn.Module):
+class MAF(VectorFlowStack):
     """A stack of MADE-affine layers with order reversal and a standard-normal prior.
 
     >>> model = MAF(MAFConfig(num_dims=5, hidden_width=8, num_flow_layers=2))
@@ -118,34 +119,3 @@ class MAF(nn.Module):
         self.config = config
         self.flows = nn.ModuleList(MAFLayer(config, reverse_order=bool(k % 2)) for k in range(config.num_flow_layers))
         self.prior = GaussianPrior((config.num_dims,), learned=False)
-
-    @property
-    def num_dims(self) -> int:
-        return self.config.num_dims
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x: (B, D) -> z (B, D), log|det dz/dx| (B,) in nats, summed over the layers."""
-        if x.dim() != 2 or x.shape[1] != self.config.num_dims:
-            raise ValueError(f"expected vectors of shape (B, {self.config.num_dims}), got {tuple(x.shape)}")
-        log_det = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
-        for flow in self.flows:
-            x, flow_log_det = flow(x)
-            log_det = log_det + flow_log_det
-        return x, log_det
-
-    def log_prob(self, x: Tensor) -> Tensor:
-        """log p(x) in nats per sample (B,)."""
-        z, log_det = self(x)
-        return self.prior(z) + log_det
-
-    @torch.no_grad()
-    def inverse(self, z: Tensor) -> Tensor:
-        for flow in reversed(self.flows):
-            z = flow.inverse(z)
-        return z
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        param = next(self.parameters())
-        eps = torch.randn(n, self.num_dims, generator=generator, device=param.device, dtype=param.dtype)
-        return self.inverse(eps)

@@ -12,6 +12,7 @@ from ..config import ConfigError
 from .priors import GaussianPrior
 from .transformer import KVCache, LayerNorm32, TransformerLayer
 from .transforms import TokenTransform, build_transform
+from .vector_flow import VectorFlowStack
 
 
 @dataclass
@@ -127,7 +128,7 @@ class TNAFLayer(nn.Module):
         return self.permute(x)
 
 
-class TNAF(nn.Module):
+class TNAF(VectorFlowStack):
     """Transformer neural autoregressive flow over vectors, exact log-likelihood and exact sampling.
 
     >>> model = TNAF(TNAFConfig(num_dims=6, channels=16, head_dim=8, dsf_hidden=4)).double()
@@ -146,40 +147,3 @@ class TNAF(nn.Module):
             TNAFLayer(config, self.transform, reverse_order=bool(k % 2)) for k in range(config.num_flow_layers)
         )
         self.prior = GaussianPrior((config.num_dims,), learned=False)
-
-    @property
-    def num_dims(self) -> int:
-        return self.config.num_dims
-
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 2 or x.shape[1] != self.config.num_dims:
-            raise ValueError(f"expected vectors of shape (B, {self.config.num_dims}), got {tuple(x.shape)}")
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x: (B, D) -> z (B, D), log|det dz/dx| (B,) in nats, summed over the flow layers."""
-        self._check_input(x)
-        log_det = torch.zeros(x.shape[0], device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
-        for flow in self.flows:
-            x, flow_log_det = flow(x)
-            log_det = log_det + flow_log_det
-        return x, log_det
-
-    def log_prob(self, x: Tensor) -> Tensor:
-        """log p(x) in nats per sample (B,): log N(z; 0, I) + log|det dz/dx| (change of variables)."""
-        z, log_det = self(x)
-        return self.prior(z) + log_det
-
-    @torch.no_grad()
-    def inverse(self, z: Tensor) -> Tensor:
-        """Exact inverse of `forward` (to the bisection tolerance for DSF/mixture): z (B, D) -> x (B, D)."""
-        self._check_input(z)
-        for flow in reversed(self.flows):
-            z = flow.inverse(z)
-        return z
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n draws x ~ p: z ~ N(0, I) (from `generator` if given), then the inverse. (n, D)."""
-        param = next(self.parameters())
-        eps = torch.randn(n, self.num_dims, generator=generator, device=param.device, dtype=param.dtype)
-        return self.inverse(eps)
