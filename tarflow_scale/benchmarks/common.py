@@ -1,11 +1,30 @@
-"""Pieces every benchmark suite shares: a device sync for honest timings and a model whose heads do real work."""
+"""Pieces every benchmark suite shares: the --device option, config loading that reports errors, a device sync
+for honest timings and a model whose heads do real work."""
 
 from __future__ import annotations
 
+import argparse
+import sys
+
 import torch
 
-from tarflow_scale.config import TarFlowConfig
+from tarflow_scale.config import ConfigError, RunConfig, TarFlowConfig, load_config
 from tarflow_scale.models.tarflow import TarFlow
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if any)"
+    )
+
+
+def load_suite_config(prog: str, config: str | None, overrides: list[str]) -> RunConfig | None:
+    """The run config, or None after printing the error (the suite then exits with 2)."""
+    try:
+        return load_config(config, overrides)
+    except ConfigError as e:
+        print(f"{prog}: config error: {e}", file=sys.stderr)
+        return None
 
 
 def sync(device: torch.device) -> None:

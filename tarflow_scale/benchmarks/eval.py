@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from tarflow_scale.benchmarks.common import model_with_live_heads, sync
-from tarflow_scale.config import ConfigError, TarFlowConfig, load_config
+from tarflow_scale.benchmarks.common import add_device_option, load_suite_config, model_with_live_heads, sync
+from tarflow_scale.config import TarFlowConfig
 from tarflow_scale.evaluation.bpd import batch_bits_per_dim
 from tarflow_scale.evaluation.denoise import tweedie_denoise
 from tarflow_scale.evaluation.generate import SampleSettings, generate
@@ -128,11 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "--denoise-batch-size", type=int, default=-1, help="eval.denoise_batch_size (default: the config's; 0: all)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per workload; the fastest counts")
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="torch device (default: cuda if available)",
-    )
+    add_device_option(parser)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-mid", action="store_true", help="only the small config")
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to both configs")
@@ -150,10 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     for label, overrides in runs:
-        try:
-            config = load_config(args.config, overrides)
-        except ConfigError as e:
-            print(f"bench_eval: config error: {e}", file=sys.stderr)
+        config = load_suite_config(parser.prog, args.config, overrides)
+        if config is None:
             return 2
         model = build(config.model, device)
         noise_std = config.data.noise_std if config.data.noise == "gaussian" else 0.05

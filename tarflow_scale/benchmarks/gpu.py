@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from tarflow_scale.benchmarks.common import model_with_live_heads, sync
+from tarflow_scale.benchmarks.common import add_device_option, load_suite_config, model_with_live_heads, sync
 from tarflow_scale.benchmarks.eval import PeakMemory
 from tarflow_scale.benchmarks.model import count_train_flops, measure_matmul_peak
-from tarflow_scale.config import ConfigError, TarFlowConfig, load_config
+from tarflow_scale.config import TarFlowConfig
 from tarflow_scale.evaluation.bpd import batch_bits_per_dim
 from tarflow_scale.evaluation.generate import SampleSettings, generate
 from tarflow_scale.models.tarflow import TarFlow
@@ -122,18 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bpd-batch", type=int, default=256, help="bits/dim batch")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per setting")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 dense peak of this GPU, TFLOP/s")
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if any)"
-    )
+    add_device_option(parser)
     parser.add_argument(
         "--only", default="train,memory,tf32,sample,bpd", help="comma-separated parts: train,memory,tf32,sample,bpd"
     )
     parser.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"tarflow-bench gpu: config error: {e}", file=sys.stderr)
+    config = load_suite_config(parser.prog, args.config, args.overrides)
+    if config is None:
         return 2
     parts = set(args.only.split(","))
     device = torch.device(args.device)

@@ -21,6 +21,7 @@ import platform
 import torch
 from torch.utils import benchmark
 
+from tarflow_scale.benchmarks.common import add_device_option
 from tarflow_scale.models.mixing import CirculantDiagonalMixer
 
 
@@ -90,11 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[48, 96, 192, 768], help="feature sizes n")
     parser.add_argument("--tokens", type=int, default=4096, help="token vectors per call (B x T)")
     parser.add_argument("--factors", type=int, default=2, help="CDFlow circulant factors m")
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="torch device (default: cuda if available)",
-    )
+    add_device_option(parser)
     parser.add_argument("--dtype", choices=["fp32", "fp64"], default="fp32", help="tensor precision (default fp32)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--min-run-time", type=float, default=0.3, help="seconds of timing per operation and side")

@@ -13,8 +13,7 @@ import time
 
 import torch
 
-from tarflow_scale.benchmarks.common import model_with_live_heads, sync
-from tarflow_scale.config import ConfigError, load_config
+from tarflow_scale.benchmarks.common import add_device_option, load_suite_config, model_with_live_heads, sync
 from tarflow_scale.models.tarflow import TarFlow
 
 
@@ -91,20 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=0, help="training batch (default: the config's micro-batch)")
     parser.add_argument("--sample-batch-size", type=int, default=16, help="images per sampling call (default 16)")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps")
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="torch device (default: cuda if available)",
-    )
+    add_device_option(parser)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-data", action="store_true", help="skip the loader throughput (needs data.path)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.channels=256")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"tarflow-bench: config error: {e}", file=sys.stderr)
+    config = load_suite_config(parser.prog, args.config, args.overrides)
+    if config is None:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -16,8 +16,7 @@ import time
 
 import torch
 
-from tarflow_scale.benchmarks.common import perturb_heads, sync
-from tarflow_scale.config import ConfigError, load_config
+from tarflow_scale.benchmarks.common import add_device_option, load_suite_config, perturb_heads, sync
 from tarflow_scale.models.decoding import Decoding, DecodingStats
 from tarflow_scale.models.tarflow import TarFlow
 from tarflow_scale.sampling import per_sample_noise, to_uint8
@@ -84,12 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "tf32"], help="sampling precision")
     p.add_argument("--compile", action="store_true", help="also time the compiled static-shape sequential step")
     p.add_argument("--cuda-graph", action="store_true", help="also time the sequential step replayed as a CUDA graph")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    add_device_option(p)
     args = p.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    config = load_suite_config(p.prog, args.config, args.overrides)
+    if config is None:
         return 2
     device = torch.device(args.device)
     if args.cuda_graph and device.type != "cuda":

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tarflow_scale.config import ConfigError, load_config
+from tarflow_scale.benchmarks.common import load_suite_config
 from tarflow_scale.training.metrics import read_metrics
 
 
@@ -37,10 +37,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"train.checkpoint_every={args.steps}",
                 "optim.ema_decay=0",
             ]
-            try:
-                config = load_config(args.config, overrides)
-            except ConfigError as e:
-                print(f"tarflow-bench-zero: config error: {e}", file=sys.stderr)
+            config = load_suite_config(parser.prog, args.config, overrides)
+            if config is None:
                 return 2
             init_ray(config.cluster.address)
             launch(config)
