@@ -86,10 +86,10 @@ def test_gpu_benchmark_reports_a_setting_that_runs_out_of_memory_and_goes_on(mon
 
     measure = gpu.bench_train
 
-    def no_room_without_checkpointing(config, batch, steps, device, precision, checkpointing):
+    def no_room_without_checkpointing(config, batch, steps, device, precision, checkpointing, count_flops=False):
         if not checkpointing:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return measure(config, batch, steps, device, precision, checkpointing)
+        return measure(config, batch, steps, device, precision, checkpointing, count_flops)
 
     monkeypatch.setattr(gpu, "bench_train", no_room_without_checkpointing)
     args = ["--config", "tiny", "--device", "cpu", "--micro-batch", "2", "--steps", "1", "--only", "train,memory,bpd",

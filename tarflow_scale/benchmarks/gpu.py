@@ -57,17 +57,23 @@ def build(config: TarFlowConfig, device: torch.device, checkpointing: bool = Fal
 
 
 def bench_train(
-    config: TarFlowConfig, batch: int, steps: int, device: torch.device, precision: str, checkpointing: bool
+    config: TarFlowConfig,
+    batch: int,
+    steps: int,
+    device: torch.device,
+    precision: str,
+    checkpointing: bool,
+    count_flops: bool = False,
 ) -> dict[str, float]:
-    """One GPU, plain AdamW (ZeRO's partitioning does not change one GPU's compute): images/s, FLOPs per step,
-    peak memory (MiB) over the timed steps, under the trainer's precision policy."""
+    """One GPU, plain AdamW (ZeRO's partitioning does not change one GPU's compute): images/s, peak memory (MiB)
+    over the timed steps, under the trainer's precision policy; with count_flops, also FLOPs per step (and /s)."""
     model = build(config, device, checkpointing)
     # The trainer's own policy: "tf32" here is its fp32 policy with TF32 matmuls, "fp32" strict fp32.
     apply_precision(model, "bf16" if precision == "bf16" else "fp32", device, tf32=precision == "tf32")
     x = torch.rand(batch, config.in_channels, config.image_size, config.image_size, device=device) * 2 - 1
     y = torch.randint(0, config.num_classes, (batch,), device=device) if config.num_classes else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    flops = count_train_flops(model, x, y)
+    flops = count_train_flops(model, x, y) if count_flops else 0
 
     def step() -> None:
         loss = -model.log_prob(x, y).mean()
@@ -167,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     b = args.micro_batch
     if "train" in parts:
         peak, source = dense_peak(device, args.peak_tflops)
-        r = fits(f"bf16 training, micro-batch {b}", lambda: bench_train(c, b, args.steps, device, "bf16", False))
+        r = fits(f"bf16 training, micro-batch {b}", lambda: bench_train(c, b, args.steps, device, "bf16", False, True))
         if r:
             row(f"bf16 training, micro-batch {b}", f"{r['images_per_s']:.1f} images/s")
             row(
