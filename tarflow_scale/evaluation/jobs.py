@@ -333,23 +333,22 @@ class WorkerPool:
 # Jobs
 
 
-PASSES_KEYS = ("passes", "calls", "tokens")
+PASSES_KEYS = ("passes", "calls")
 
 
 def _passes_arrays(stats: DecodingStats) -> dict[str, Any]:
-    """A unit's decoding statistics as arrays: passes per block (index = block, forward order), calls, tokens."""
-    blocks = range(len(stats.passes))
-    return {"passes": np.array([stats.passes[k] for k in blocks]), "calls": stats.calls, "tokens": stats.num_tokens}
+    """A unit's decoding statistics as arrays: passes per block (index = block, forward order) and calls."""
+    return {"passes": np.array([stats.passes[k] for k in range(len(stats.passes))]), "calls": stats.calls}
 
 
-def _passes_summary(units: list[dict[str, np.ndarray]]) -> dict[str, Any] | None:
+def _passes_summary(units: list[dict[str, np.ndarray]], num_tokens: int) -> dict[str, Any] | None:
     """Mean model passes per block over every sampling call of a job (models/decoding.py DecodingStats.summary);
     None if its units were saved before passes were recorded."""
     if not units or any("passes" not in u for u in units):
         return None
-    total = DecodingStats()
+    total = DecodingStats(num_tokens=num_tokens)
     for unit in units:
-        total.merge(DecodingStats(dict(enumerate(unit["passes"].tolist())), int(unit["tokens"]), int(unit["calls"])))
+        total.merge(DecodingStats(dict(enumerate(unit["passes"].tolist())), calls=int(unit["calls"])))
     return total.summary()
 
 
@@ -476,7 +475,7 @@ def run_sampling(
         "num_samples": e.num_samples,
         "num_nonfinite_redrawn": sum(r["redrawn"] for r in results),
         "settings": asdict(settings),
-        "decoding_passes": _passes_summary(units),
+        "decoding_passes": _passes_summary(units, config.model.num_tokens),
         **timing,
     }
     if denoise_std is not None:
@@ -596,7 +595,7 @@ def run_fid(
         "denoise_noise_std": denoise_std,
         "num_nonfinite_redrawn": sum(r["redrawn"] for r in results),
         "settings": asdict(settings),
-        "decoding_passes": _passes_summary(units),
+        "decoding_passes": _passes_summary(units, config.model.num_tokens),
         "protocol": fidlib.PROTOCOL,
         **timing,
     }
