@@ -21,11 +21,10 @@ from tarflow_scale.data import make_eval_loader, read_manifest, write_split
 from tarflow_scale.data.sources import ArraySource
 from tarflow_scale.evaluation import fid as fidlib
 from tarflow_scale.evaluation.bpd import batch_bits_per_dim, summarize
-from tarflow_scale.evaluation.denoise import score, tweedie_denoise
 from tarflow_scale.evaluation.generate import NonFiniteSamplesError, SampleSettings, generate, redraw_seed
 from tarflow_scale.evaluation.resolve import default_out_dir, inspect_checkpoint, resolve_config
 from tarflow_scale.models.tarflow import TarFlow
-from tarflow_scale.sampling import per_sample_noise
+from tarflow_scale.sampling import per_sample_noise, score, tweedie_denoise
 
 SIZE, CLASSES = 8, 3  # tiny 8x8 RGB images, 3 classes
 NUM_VAL, NUM_TRAIN, PER_SHARD = 37, 40, 8  # 37: not a multiple of the shard size, the workers or the parts

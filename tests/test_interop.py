@@ -270,7 +270,7 @@ def test_imported_model_runs_through_the_evaluation_code(imported, tmp_path):
     from tarflow_scale.config import ConfigError
     from tarflow_scale.evaluation.bpd import batch_bits_per_dim
     from tarflow_scale.evaluation.generate import SampleSettings, generate
-    from tarflow_scale.evaluation.jobs import evaluate
+    from tarflow_scale.evaluation.orchestrate import evaluate
     from tarflow_scale.evaluation.resolve import inspect_checkpoint, resolve_config, training_noise
 
     _, model, out, classes = imported

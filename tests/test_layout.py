@@ -150,7 +150,7 @@ def test_gpu_benchmarks_and_the_sampler_run_without_ray_or_deepspeed():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
     # The refusal is real: the evaluation's Ray worker pool does need Ray.
     refused = subprocess.run(
-        [sys.executable, "-c", script.replace(f"for m in {modules!r}", "for m in ['tarflow_scale.evaluation.jobs']")],
+        [sys.executable, "-c", script.replace(f"for m in {modules!r}", "for m in ['tarflow_scale.evaluation.pool']")],
         capture_output=True, text=True, cwd=REPO_ROOT,
     )  # fmt: skip
     assert refused.returncode != 0 and "imported" in refused.stderr

@@ -86,7 +86,7 @@ def test_evaluation_survives_a_lost_node_with_the_exact_fid(cluster, dataset, tm
 
     from tarflow_scale.checkpoint import save_export
     from tarflow_scale.config import DataConfig, RunConfig, TarFlowConfig
-    from tarflow_scale.evaluation.jobs import evaluate
+    from tarflow_scale.evaluation.orchestrate import evaluate
     from tarflow_scale.evaluation.resolve import inspect_checkpoint, resolve_config
     from tarflow_scale.models.tarflow import TarFlow
 

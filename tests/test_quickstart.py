@@ -374,7 +374,7 @@ def test_held_stdout_hides_library_prints_when_quiet_and_replays_them_on_failure
 def test_evaluation_metrics_and_grids_go_to_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tarflow_scale.evaluation.report import write_tensorboard
+    from tarflow_scale.evaluation.outputs import write_tensorboard
     from tarflow_scale.sampling import save_grid
 
     grid = save_grid(torch.zeros(4, 3, SIZE, SIZE), tmp_path / "samples.png")

@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tarflow_scale.config import ConfigError, load_config
+from tarflow_scale.config import ConfigError, MAFConfig, TNAFConfig, load_config
+from tarflow_scale.config.study import TNAFRunConfig
 from tarflow_scale.data.tabular import (
     DIGITS_NUM_LEVELS,
-    TNAFRunConfig,
     dequantize_digits,
     digits_levels_split,
     load_digits_split,
 )
-from tarflow_scale.models.maf import MAF, MAFConfig
-from tarflow_scale.models.tnaf import TNAF, TNAFConfig
+from tarflow_scale.models.maf import MAF
+from tarflow_scale.models.tnaf import TNAF
 from tarflow_scale.models.transforms.sigmoidal import DeepSigmoidalTransform
 
 F64 = torch.float64

@@ -30,10 +30,9 @@ import yaml
 from torch import Tensor, nn
 
 from tarflow_scale.config import ConfigError, dump_config, load_config, to_dict
+from tarflow_scale.config.study import DIGITS_IMAGE_SIZE, TNAFRunConfig
 from tarflow_scale.data.tabular import (
-    DIGITS_IMAGE_SIZE,
     LOG_BIN_WIDTH_DIGITS,
-    TNAFRunConfig,
     dequantize_digits,
     digits_levels_split,
     val_noise_seed,

@@ -23,9 +23,9 @@ import torch
 from tarflow_scale.benchmarks.common import add_device_option, load_suite_config, model_with_live_heads, sync
 from tarflow_scale.config import TarFlowConfig
 from tarflow_scale.evaluation.bpd import batch_bits_per_dim
-from tarflow_scale.evaluation.denoise import tweedie_denoise
 from tarflow_scale.evaluation.generate import SampleSettings, generate
 from tarflow_scale.models.tarflow import TarFlow
+from tarflow_scale.sampling import tweedie_denoise
 
 # A mid-size model at the tiny run's resolution: 3x wider, deeper blocks (~40M parameters).
 MID_OVERRIDES = ["model.channels=384", "model.head_dim=64", "model.num_blocks=6", "model.layers_per_block=4"]

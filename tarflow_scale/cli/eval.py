@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
             print(f"# checkpoint: {info.resolved} ({info.kind}); output: {out_dir}")
             return 0
-        from tarflow_scale.evaluation.jobs import evaluate
+        from tarflow_scale.evaluation.orchestrate import evaluate
 
         report = evaluate(config, info, out_dir, address=args.address, argv=["tarflow-eval", *sys.argv[1:]])
     except (ConfigError, CheckpointError, DataError, FidError, NonFiniteSamplesError) as e:

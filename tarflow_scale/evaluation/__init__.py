@@ -1,6 +1,8 @@
 """Evaluation of trained TarFlows: exact bits/dim, seeded sampling, Tweedie denoising, clean-fid FID/KID.
 
-The maths modules (`bpd`, `generate`, `denoise`, `fid`) take plain arguments and never import Ray; `jobs`
-spreads them over Ray workers; `resolve` reads checkpoints and configs; `report` writes the metrics JSON.
+The maths modules (`bpd`, `generate`, `fid`) take plain arguments and never import Ray. `pool` holds the Ray
+side (the worker pool and driver progress), `worker` the actor that runs units of work, `jobs` the jobs cut
+into resumable units (`units`), `orchestrate` the checks before Ray starts and the whole run, `resolve` the
+checkpoint and config reading, `outputs` what is written (metrics.json, CSV, PNGs, TensorBoard).
 This package imports nothing eagerly, so `import tarflow_scale.evaluation.bpd` does not pull in Ray.
 """

@@ -62,7 +62,7 @@ def batch_bits_per_dim(
     D = C H W and log p in nats. For kind="uniform" this is the standard dequantization bound on the discrete
     NLL of the 8-bit image (Theis et al. 2016): E_v[-log p((u + v)/128 - 1)] - D log(2/256) >= -log P(u).
     For kind="gaussian" it is the NLL of the Gaussian-noised image, a continuous density measured in 8-bit
-    pixel units: *not* a bound on the discrete NLL (see `tarflow_scale.evaluation.jobs` for its label).
+    pixel units: *not* a bound on the discrete NLL (see `tarflow_scale.evaluation.jobs` BPD_DESCRIPTIONS for its label).
     `labels` (B,) condition a class-conditional model; None for an unconditional one.
     """
     device = next(model.parameters()).device

@@ -17,6 +17,7 @@ from ..config import (
     read_yaml_mapping,
     to_dict,
 )
+from ..config.loading import merge_trees
 from ..weights import WEIGHTS_FILE, export_model_config, is_model_dir, read_metadata
 
 
@@ -58,11 +59,6 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     return CheckpointInfo(path, kind, weights_file, model_config, run_config, extra)
 
 
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def _differences(given: dict, actual: dict, prefix: str = "model.") -> list[str]:
@@ -83,7 +79,7 @@ def resolve_config(
     evaluation uses are validated (model, data, cluster, eval): the training batch arithmetic is irrelevant.
     """
     user: dict[str, Any] = read_yaml_mapping(config_path) if config_path is not None else {}
-    user = _merge(user, parse_overrides(overrides or []))
+    user = merge_trees(user, parse_overrides(overrides or []))
     actual = to_dict(info.model_config)
     if "model" in user:
         if not isinstance(user["model"], dict):
@@ -98,7 +94,7 @@ def resolve_config(
                 "or fix these keys."
             )
     base = to_dict(info.run_config) if info.run_config is not None else {}
-    tree = _merge(base, user)
+    tree = merge_trees(base, user)
     tree["model"] = actual
     where = f"{config_path}: " if config_path is not None else ""
     try:

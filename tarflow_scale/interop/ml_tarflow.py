@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import CheckpointError, build_model, file_sha256, save_export
-from ..config import RunConfig, TarFlowConfig, _merge, from_dict, parse_overrides
+from ..config import RunConfig, TarFlowConfig, from_dict, parse_overrides
+from ..config.loading import merge_trees
 from ..models.tarflow import unpatchify
 
 FORMAT_NAME = "ml-tarflow"
@@ -197,7 +198,7 @@ def infer_run_config(state: dict[str, Tensor], path: str | Path, overrides: list
             "<dataset>_model_<patch>_<channels>_<blocks>_<layers>_<noise std|uniform>.pth); pass data.noise_std=SIGMA "
             "(Gaussian noise augmentation) or data.noise=uniform"
         )
-    tree = _merge({"model": model, "data": data}, user)
+    tree = merge_trees({"model": model, "data": data}, user)
     if "noise_std" in user_data and "noise" not in user_data:
         tree["data"]["noise"] = "gaussian"  # a sigma given for a renamed file means Gaussian augmentation
     # Evaluate what needs no data by default; bits/dim and FID once data.path says where the data is.

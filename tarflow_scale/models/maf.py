@@ -2,37 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError
+from ..config import MAFConfig
 from .priors import GaussianPrior
 from .vector_flow import VectorFlowStack
-
-
-@dataclass
-class MAFConfig:
-    """Architecture of a MAF over vectors x in R^D."""
-
-    num_dims: int = 64  # D
-    hidden_width: int = 256  # units in each MADE hidden layer
-    num_hidden_layers: int = 2  # hidden layers per MADE
-    num_flow_layers: int = 5  # stacked MADE-affine layers; the dimension order flips between them
-
-    def validate(self) -> None:
-        if self.num_dims < 2:
-            raise ConfigError("maf.num_dims must be >= 2")
-        for name in ("hidden_width", "num_hidden_layers", "num_flow_layers"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"maf.{name} must be >= 1")
-        if self.hidden_width < self.num_dims - 1:
-            raise ConfigError(
-                f"maf.hidden_width={self.hidden_width} must be >= num_dims - 1 = {self.num_dims - 1}, so that every "
-                "hidden degree occurs and each dimension can see all earlier ones"
-            )
 
 
 class MaskedLinear(nn.Linear):

@@ -2,49 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError
+from ..config import TNAFConfig
 from .priors import GaussianPrior
 from .transformer import KVCache, LayerNorm32, TransformerLayer
 from .transforms import TokenTransform, build_transform
 from .vector_flow import VectorFlowStack
-
-
-@dataclass
-class TNAFConfig:
-    """Architecture of a T-NAF model for vectors x in R^D. Stored with every result, so a run can be rebuilt."""
-
-    num_dims: int = 64  # D: one token per dimension
-    channels: int = 64  # Transformer width
-    num_flow_layers: int = 1  # stacked T-NAF layers, each with its own Transformer; the order flips between them
-    layers_per_flow: int = 2  # Transformer layers in each flow layer
-    head_dim: int = 16
-    mlp_ratio: float = 4.0
-    # Per-dimension monotonic transform: deep sigmoidal flow (NAF), rational-quadratic spline, mixture of
-    # logistics CDF, or affine (then a layer is a Transformer MAF).
-    transform: Literal["dsf", "spline", "mixture", "affine"] = "dsf"
-    dsf_hidden: int = 8  # dsf: H sigmoid units per stage
-    dsf_stages: int = 1  # dsf: stages composed per dimension (1: NAF's DSF)
-    dsf_inverse_tol: float = 1e-10  # dsf: bisection stops at half-width <= tol (1 + |x|)
-    num_bins: int = 8  # spline: K bins
-    spline_bound: float = 4.0  # spline: bins cover [-B, B]; identity tails outside
-    num_components: int = 4  # mixture: K logistics
-
-    def validate(self) -> None:
-        for name in ("num_flow_layers", "layers_per_flow", "head_dim", "channels", "dsf_hidden", "dsf_stages"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"tnaf.{name} must be >= 1")
-        if self.num_dims < 2:
-            raise ConfigError("tnaf.num_dims must be >= 2 (a single dimension needs no autoregressive flow)")
-        if self.channels % self.head_dim:
-            raise ConfigError(f"tnaf.channels={self.channels} is not divisible by tnaf.head_dim={self.head_dim}")
-        if self.dsf_inverse_tol <= 0:
-            raise ConfigError("tnaf.dsf_inverse_tol must be > 0")
 
 
 class TNAFLayer(nn.Module):

@@ -1,4 +1,5 @@
-"""The metrics JSON of an evaluation: results, every setting used, the checkpoint's checksum, software versions."""
+"""What an evaluation writes: metrics.json (results, every setting used, the checkpoint's checksum, software
+versions), the per-image bits/dim CSV, sample PNGs and TensorBoard scalars and grids."""
 
 from __future__ import annotations
 
@@ -12,10 +13,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
+from .. import atomic
+from ..atomic import atomic_path
 from ..checkpoint import file_sha256
 from ..config import RunConfig, to_dict
 from .resolve import CheckpointInfo, TrainingNoise
 
+METRICS_FILE = "metrics.json"
 # Distribution names (as pip knows them) whose versions every report records.
 PACKAGES = ("torch", "torchvision", "numpy", "deepspeed", "ray", "webdataset", "clean-fid", "tarflow-scale")
 
@@ -136,3 +142,21 @@ def write_tensorboard(report: dict[str, Any], out_dir: str | Path) -> Path | Non
     finally:
         writer.close()
     return folder
+
+
+def write_per_image(per_image: dict[str, dict[str, float]], path: Path) -> None:
+    """key,<metric>... one row per held-out image, sorted by key: paired comparisons between checkpoints."""
+    names = sorted({n for row in per_image.values() for n in row})
+    lines = ["key," + ",".join(names)]
+    lines += [key + "," + ",".join(repr(per_image[key][n]) for n in names) for key in sorted(per_image)]
+    atomic.write_text(path, "\n".join(lines) + "\n")
+
+
+def write_pngs(pixels: Tensor, indices: list[int], folder: str) -> None:
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    for image, index in zip(pixels, indices):
+        array = image.permute(1, 2, 0).numpy()
+        with atomic_path(os.path.join(folder, f"{index:06d}.png"), suffix=".png") as tmp:
+            Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(tmp)

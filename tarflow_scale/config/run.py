@@ -1,118 +1,17 @@
-"""Typed run configuration: dataclass defaults -> YAML file -> dotted command-line overrides.
-
-Every component (model, data, optimisation, ZeRO, cluster, evaluation) owns one dataclass; `RunConfig`
-composes them. Unknown keys and values of the wrong type are errors that name the dotted key at fault.
+"""The run config: one dataclass per component (data, optimisation, DeepSpeed, cluster, training loop,
+evaluation) composed into `RunConfig`, which is dumped as `config.yaml` into every run directory and checkpoint.
 The defaults are the tiny CPU run the Quickstart launches, so an empty YAML file is a valid config.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-
-
-class ConfigError(ValueError):
-    """A config file, key or value is wrong; the message names the file and/or dotted key."""
-
-
-def _check_at_least(section: Any, prefix: str, minimum: float, *names: str) -> None:
-    """Each named field is a finite number >= minimum; else a ConfigError naming `prefix.name`."""
-    for name in names:
-        value = getattr(section, name)
-        if not math.isfinite(value) or value < minimum:
-            raise ConfigError(f"{prefix}.{name}={value} must be >= {minimum:g}")
-
-
-def _check_no_nan(section: Any, prefix: str) -> None:
-    """NaN passes every `<`/`>` comparison as False, so range checks alone let it through: refuse it here."""
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        values = value if isinstance(value, (tuple, list)) else [value]
-        if any(isinstance(v, float) and math.isnan(v) for v in values):
-            raise ConfigError(f"{prefix}.{f.name}={value} is not a number")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Component configs
-
-
-@dataclass
-class TarFlowConfig:
-    """Architecture of a TarFlow model (arXiv 2412.06329). Stored inside every checkpoint and export."""
-
-    image_size: int = 64  # H = W of the input, pixels
-    in_channels: int = 3
-    patch_size: int = 4  # p: a token is a p x p patch, D = C * p^2 values
-    channels: int = 128  # Transformer width
-    num_blocks: int = 4  # flow blocks, each with its own causal Transformer
-    layers_per_block: int = 2
-    head_dim: int = 32
-    mlp_ratio: float = 4.0
-    num_classes: int = 0  # 0: unconditional
-    # How an unconditional (or dropped) label is embedded: its own learned vector, or the classes' mean.
-    null_label: Literal["learned", "mean"] = "learned"
-    # Per-token transform: affine NVP, its volume-preserving variant, shift-only (the reference's nvp=False),
-    # rational-quadratic spline, mixture CDF.
-    transform: Literal["affine", "affine_vp", "shift", "spline", "mixture"] = "affine"
-    num_bins: int = 8  # spline: K bins
-    spline_bound: float = 4.0  # spline: bins cover [-B, B]; identity tails outside
-    num_components: int = 4  # mixture: K logistics
-    # Prior on z: standard normal, or a learned per-dimension variance (used with affine_vp).
-    prior: Literal["standard", "learned"] = "standard"
-    # Invertible linear layer on each token's D features between consecutive blocks (tarflow_scale/mixing.py):
-    # none; a fixed random permutation (log-det 0); or CDFlow, W = D_0 C_0 ... C_{m-1} D_m with circulant C_j
-    # applied by FFT, identity at init. The blocks' sequence flip is kept either way (autoregressive order).
-    # The default stays "none" so model configs written before mixers existed load as what they were; the
-    # quickstart run sets cdflow (RunConfig's default model, `quickstart_model`).
-    mixer: Literal["none", "permute", "cdflow"] = "none"
-    mixer_factors: int = 2  # cdflow: m circulant factors (and m + 1 diagonals), (2m + 1) D parameters per mixer
-    # A LayerNorm on each block's Transformer output before the head. false: the head reads the residual stream
-    # directly and the block has no `norm_out` keys (the reference ml-tarflow structure; see docs/interop.md).
-    final_norm: bool = True
-
-    @property
-    def token_dim(self) -> int:
-        return self.in_channels * self.patch_size**2
-
-    @property
-    def num_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def num_dims(self) -> int:
-        return self.in_channels * self.image_size**2
-
-    def validate(self) -> None:
-        _check_no_nan(self, "model")
-        _check_at_least(self, "model", 1, "image_size", "patch_size")  # before the divisions below
-        if self.image_size % self.patch_size:
-            raise ConfigError(
-                f"model.image_size={self.image_size} is not divisible by model.patch_size={self.patch_size}"
-            )
-        if self.channels % self.head_dim:
-            raise ConfigError(f"model.channels={self.channels} is not divisible by model.head_dim={self.head_dim}")
-        if self.num_tokens < 2:
-            raise ConfigError("model: an image must have at least 2 patches (lower model.patch_size)")
-        for name in ("in_channels", "channels", "num_blocks", "layers_per_block", "head_dim", "num_bins"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name} must be >= 1")
-        if self.num_classes < 0:
-            raise ConfigError("model.num_classes must be >= 0 (0 means unconditional)")
-        if self.transform == "affine_vp" and self.prior != "learned":
-            raise ConfigError("model.transform=affine_vp keeps volume, so it needs model.prior=learned")
-        if self.mixer_factors < 1:
-            raise ConfigError("model.mixer_factors must be >= 1")
-        _check_at_least(self, "model", 1, "num_components")
-        if not self.mlp_ratio > 0 or not self.spline_bound > 0:
-            raise ConfigError("model.mlp_ratio and model.spline_bound must be > 0")
+from .checks import ConfigError, check_at_least, check_no_nan
+from .models import TarFlowConfig
 
 
 @dataclass
@@ -144,7 +43,7 @@ class DataConfig:
     max_corrupt_in_a_row: int = 100
 
     def validate(self) -> None:
-        _check_no_nan(self, "data")
+        check_no_nan(self, "data")
         if self.noise == "gaussian" and self.noise_std <= 0:
             raise ConfigError("data.noise_std must be > 0 with data.noise=gaussian")
         if self.num_workers < 0:
@@ -170,10 +69,10 @@ class OptimConfig:
     ema_decay: float = 0.0  # 0: no EMA (as in the paper)
 
     def validate(self) -> None:
-        _check_no_nan(self, "optim")
+        check_no_nan(self, "optim")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"optim.lr={self.lr} must be a finite number > 0")
-        _check_at_least(self, "optim", 0, "min_lr", "weight_decay", "warmup_steps", "grad_clip")
+        check_at_least(self, "optim", 0, "min_lr", "weight_decay", "warmup_steps", "grad_clip")
         if not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas={list(self.betas)} must each be in [0, 1)")
         if not 0 <= self.ema_decay < 1:
@@ -219,8 +118,8 @@ class ClusterConfig:
     def validate(self) -> None:
         if self.num_workers < 1:
             raise ConfigError("cluster.num_workers must be >= 1 (DeepSpeed needs a process group)")
-        _check_at_least(self, "cluster", 1, "cpus_per_worker")
-        _check_at_least(self, "cluster", -1, "max_failures")  # -1: retry without limit (Ray's convention)
+        check_at_least(self, "cluster", 1, "cpus_per_worker")
+        check_at_least(self, "cluster", -1, "max_failures")  # -1: retry without limit (Ray's convention)
 
 
 @dataclass
@@ -249,13 +148,13 @@ class TrainConfig:
     fault_at_step: int = 0  # chaos testing: the last rank kills its own process once at this step (0: never)
 
     def validate(self) -> None:
-        _check_no_nan(self, "train")
-        _check_at_least(self, "train", 1, "num_steps", "global_batch_size", "log_every")
-        _check_at_least(self, "train", 1, "checkpoint_every", "keep_checkpoints", "num_samples")
-        _check_at_least(self, "train", 1, "max_nonfinite_in_a_row")
-        _check_at_least(self, "train", 0, "sample_every", "fault_at_step")
+        check_no_nan(self, "train")
+        check_at_least(self, "train", 1, "num_steps", "global_batch_size", "log_every")
+        check_at_least(self, "train", 1, "checkpoint_every", "keep_checkpoints", "num_samples")
+        check_at_least(self, "train", 1, "max_nonfinite_in_a_row")
+        check_at_least(self, "train", 0, "sample_every", "fault_at_step")
         # 0 means derived for these three (see RunConfig.micro_batch_size).
-        _check_at_least(self, "train", 0, "micro_batch_size", "grad_accum_steps", "max_micro_batch_size")
+        check_at_least(self, "train", 0, "micro_batch_size", "grad_accum_steps", "max_micro_batch_size")
         if not 0 <= self.label_dropout < 1:
             raise ConfigError("train.label_dropout must be in [0, 1)")
 
@@ -315,7 +214,7 @@ class EvalConfig:
     progress_every_s: float = 10.0  # seconds between progress lines on the driver
 
     def validate(self) -> None:
-        _check_no_nan(self, "eval")
+        check_no_nan(self, "eval")
         if not self.jobs:
             raise ConfigError("eval.jobs is empty (choose from bpd, sample, denoise, fid_stats, fid)")
         for name in ("batch_size", "num_samples", "bpd_draws"):
@@ -454,197 +353,3 @@ def resolve_batching(train: TrainConfig, num_workers: int) -> tuple[int, int]:
         if per_rank % steps == 0 and (not cap or per_rank // steps <= cap):
             return per_rank // steps, steps
     raise AssertionError("unreachable: steps = per_rank gives a micro-batch of 1")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Loading: dict -> dataclass with type checks, YAML files, dotted overrides
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`, converting only where lossless (int -> float, list -> tuple)."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is typing.Union or origin is types.UnionType:
-        errors = []
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{key}: expected null, got {value!r}")
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        inner = args[0] if args else Any
-        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, prefix=f"{key}.")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported config type {tp}")
-
-
-def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a (partial) dict; missing keys keep their defaults."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s} (valid keys: {', '.join(sorted(names))})")
-    kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
-    return cls(**kwargs)
-
-
-def to_dict(config: Any) -> dict:
-    """Plain nested dict (tuples become lists) suitable for YAML and JSON."""
-    return json.loads(json.dumps(dataclasses.asdict(config)))
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for name in parents:
-        node = node.setdefault(name, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted}: {name} is not a section")
-    node[leaf] = value
-
-
-def parse_overrides(overrides: list[str]) -> dict:
-    """`["model.channels=256", "run_dir=/tmp/x"]` -> nested dict; values are parsed as YAML scalars."""
-    tree: dict = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. model.channels=256)")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    return tree
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-# The recipes shipped inside the package (in a checkout, a symlink to the repository's `configs/`).
-SHIPPED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-
-def shipped_config_names() -> list[str]:
-    """Names accepted by `--config NAME`: the shipped YAML files relative to the configs folder, no suffix."""
-    if not SHIPPED_CONFIG_DIR.is_dir():
-        return []
-    return sorted(
-        p.relative_to(SHIPPED_CONFIG_DIR).with_suffix("").as_posix() for p in SHIPPED_CONFIG_DIR.rglob("*.yaml")
-    )
-
-
-def resolve_config_path(ref: str | Path) -> Path:
-    """A config file path, or the name of a shipped recipe (`imagenet64_cond`, `tabular/tnaf_digits`).
-
-    An existing file wins; otherwise the name is looked up among the shipped configs, with or without `.yaml`
-    and with or without a leading `configs/`, so the README's `--config configs/X.yaml` works from any folder.
-    """
-    path = Path(ref)
-    if path.is_file():
-        return path
-    name = path.as_posix().removesuffix(".yaml").removesuffix(".yml")
-    name = name.removeprefix("./").removeprefix("configs/")
-    shipped = SHIPPED_CONFIG_DIR / f"{name}.yaml"
-    if not path.is_absolute() and shipped.is_file():
-        return shipped
-    names = ", ".join(shipped_config_names()) or "(none found)"
-    raise ConfigError(f"config file {ref} does not exist, and it is not a shipped config; shipped names: {names}")
-
-
-def read_yaml_mapping(path: str | Path) -> dict:
-    """The top-level mapping of a YAML config file (a path or a shipped config's name); errors name the file."""
-    path = resolve_config_path(path)
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return loaded
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = RunConfig) -> Any:
-    """Defaults, then the YAML file at `path`, then dotted `overrides`; validated.
-
-    The defaults are `cls()` as a tree, so a partial section keeps the run's defaults for the keys it does not
-    name (RunConfig's default model differs from a bare TarFlowConfig in its mixer).
-    """
-    file_tree = read_yaml_mapping(path) if path is not None else {}
-    override_tree = parse_overrides(overrides or [])
-    # Check each source on its own first, so an error names where the bad key came from.
-    try:
-        from_dict(cls, override_tree)
-    except ConfigError as e:
-        raise ConfigError(f"command-line override: {e}") from None
-    try:
-        from_dict(cls, file_tree)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    config = from_dict(cls, _merge(to_dict(cls()), _merge(file_tree, override_tree)))
-    if hasattr(config, "validate"):
-        config.validate()
-    return config
-
-
-def dump_config(config: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML, atomically (a reader never sees half a config)."""
-    from . import atomic
-
-    atomic.write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
-
-
-def model_config_from_dict(data: dict) -> TarFlowConfig:
-    config = from_dict(TarFlowConfig, data, prefix="model.")
-    config.validate()
-    return config

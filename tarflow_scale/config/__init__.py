@@ -1,0 +1,57 @@
+"""Typed configuration. `checks`: the error type and range checks; `models`: the model families' architectures;
+`run`: the run config and its components; `study`: the tabular study; `loading`: YAML, overrides, type checks.
+"""
+
+from .checks import ConfigError
+from .loading import (
+    SHIPPED_CONFIG_DIR,
+    dump_config,
+    from_dict,
+    load_config,
+    model_config_from_dict,
+    parse_overrides,
+    read_yaml_mapping,
+    resolve_config_path,
+    shipped_config_names,
+    to_dict,
+)
+from .models import MAFConfig, TarFlowConfig, TNAFConfig
+from .run import (
+    ClusterConfig,
+    DataConfig,
+    DeepSpeedConfig,
+    EvalConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    local_run_dir,
+    quickstart_model,
+    resolve_batching,
+)
+
+__all__ = [
+    "SHIPPED_CONFIG_DIR",
+    "ClusterConfig",
+    "ConfigError",
+    "DataConfig",
+    "DeepSpeedConfig",
+    "EvalConfig",
+    "MAFConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TNAFConfig",
+    "TarFlowConfig",
+    "TrainConfig",
+    "dump_config",
+    "from_dict",
+    "load_config",
+    "local_run_dir",
+    "model_config_from_dict",
+    "parse_overrides",
+    "quickstart_model",
+    "read_yaml_mapping",
+    "resolve_batching",
+    "resolve_config_path",
+    "shipped_config_names",
+    "to_dict",
+]

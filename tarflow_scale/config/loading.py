@@ -1,0 +1,207 @@
+"""Loading configs: defaults -> YAML file -> dotted command-line overrides, with type checks whose errors name the
+dotted key and the source (file or override) at fault; the shipped recipes; writing the resolved config."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .checks import ConfigError
+from .models import TarFlowConfig
+from .run import RunConfig
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where lossless (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or origin is types.UnionType:
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported config type {tp}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a (partial) dict; missing keys keep their defaults."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s} (valid keys: {', '.join(sorted(names))})")
+    kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict:
+    """Plain nested dict (tuples become lists) suitable for YAML and JSON."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for name in parents:
+        node = node.setdefault(name, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {name} is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["model.channels=256", "run_dir=/tmp/x"]` -> nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. model.channels=256)")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def merge_trees(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_trees(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# The recipes shipped inside the package (in a checkout, a symlink to the repository's `configs/`).
+SHIPPED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def shipped_config_names() -> list[str]:
+    """Names accepted by `--config NAME`: the shipped YAML files relative to the configs folder, no suffix."""
+    if not SHIPPED_CONFIG_DIR.is_dir():
+        return []
+    return sorted(
+        p.relative_to(SHIPPED_CONFIG_DIR).with_suffix("").as_posix() for p in SHIPPED_CONFIG_DIR.rglob("*.yaml")
+    )
+
+
+def resolve_config_path(ref: str | Path) -> Path:
+    """A config file path, or the name of a shipped recipe (`imagenet64_cond`, `tabular/tnaf_digits`).
+
+    An existing file wins; otherwise the name is looked up among the shipped configs, with or without `.yaml`
+    and with or without a leading `configs/`, so the README's `--config configs/X.yaml` works from any folder.
+    """
+    path = Path(ref)
+    if path.is_file():
+        return path
+    name = path.as_posix().removesuffix(".yaml").removesuffix(".yml")
+    name = name.removeprefix("./").removeprefix("configs/")
+    shipped = SHIPPED_CONFIG_DIR / f"{name}.yaml"
+    if not path.is_absolute() and shipped.is_file():
+        return shipped
+    names = ", ".join(shipped_config_names()) or "(none found)"
+    raise ConfigError(f"config file {ref} does not exist, and it is not a shipped config; shipped names: {names}")
+
+
+def read_yaml_mapping(path: str | Path) -> dict:
+    """The top-level mapping of a YAML config file (a path or a shipped config's name); errors name the file."""
+    path = resolve_config_path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return loaded
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = RunConfig) -> Any:
+    """Defaults, then the YAML file at `path`, then dotted `overrides`; validated.
+
+    The defaults are `cls()` as a tree, so a partial section keeps the run's defaults for the keys it does not
+    name (RunConfig's default model differs from a bare TarFlowConfig in its mixer).
+    """
+    file_tree = read_yaml_mapping(path) if path is not None else {}
+    override_tree = parse_overrides(overrides or [])
+    # Check each source on its own first, so an error names where the bad key came from.
+    try:
+        from_dict(cls, override_tree)
+    except ConfigError as e:
+        raise ConfigError(f"command-line override: {e}") from None
+    try:
+        from_dict(cls, file_tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    config = from_dict(cls, merge_trees(to_dict(cls()), merge_trees(file_tree, override_tree)))
+    if hasattr(config, "validate"):
+        config.validate()
+    return config
+
+
+def dump_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically (a reader never sees half a config)."""
+    from .. import atomic
+
+    atomic.write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def model_config_from_dict(data: dict) -> TarFlowConfig:
+    config = from_dict(TarFlowConfig, data, prefix="model.")
+    config.validate()
+    return config

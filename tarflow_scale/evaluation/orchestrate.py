@@ -1,0 +1,179 @@
+"""`tarflow-eval`'s whole evaluation: every check that can fail before Ray starts, then the jobs on a worker pool,
+then metrics.json, the per-image CSV and TensorBoard."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from ..checkpoint import load_model
+from ..config import ConfigError, RunConfig
+from ..data import DataError, check_shard_sizes, read_manifest, resolve_data_path
+from . import fid as fidlib
+from .generate import SampleSettings
+from .jobs import JOB_ORDER, data_fingerprint, run_bpd, run_fid, run_fid_stats, run_sampling
+from .outputs import METRICS_FILE, build_report, write_per_image, write_report, write_tensorboard
+from .pool import WorkerPool, init_ray
+from .resolve import CheckpointInfo, TrainingNoise, training_noise
+from .units import UnitStore, model_fingerprint
+
+
+def _check_data(config: RunConfig, split: str):
+    manifest = read_manifest(config.data.path, split)
+    check_shard_sizes(config.data.path, manifest)  # cheap; `tarflow-data verify` is the full check
+    m, size = config.model, config.data.image_size or manifest.image_size
+    if size != m.image_size or manifest.channels != m.in_channels:
+        raise ConfigError(
+            f"data.path={config.data.path} split {split} gives {manifest.channels}x{size}x{size} images but the "
+            f"checkpoint's model takes {m.in_channels}x{m.image_size}x{m.image_size} (set data.path / data.image_size)"
+        )
+    if m.num_classes and manifest.num_classes != m.num_classes:
+        raise ConfigError(
+            f"the checkpoint's model has {m.num_classes} classes but data.path={config.data.path} has "
+            f"{manifest.num_classes}: evaluate on the dataset it was trained on"
+        )
+    return manifest
+
+
+def _plan_fid(config: RunConfig, jobs: list[str]) -> tuple[Path, fidlib.ReferenceStats | None, bool]:
+    """Where the reference statistics are, the statistics when they are ready to use, and whether to build them.
+
+    eval.fid_reference="" means the cache next to the data, built on first use; an explicit path must exist
+    unless fid_stats is among the jobs. Cached statistics must match the extractor, the image size and (when the
+    training shards are readable) the shards' checksums, otherwise a FidError says how to rebuild them.
+    """
+    e = config.eval
+    if e.fid_feature_extractor == "inception":
+        fidlib.check_inception_weights(e.inception_path)
+    build = "fid_stats" in jobs
+    explicit = bool(e.fid_reference)
+    try:
+        manifest = _check_data(config, config.data.train_split)
+    except DataError:
+        if build or not explicit:
+            raise
+        manifest = None  # precomputed statistics can be used where the training shards are not mounted
+    if explicit:
+        path = Path(e.fid_reference).expanduser()
+    else:
+        path = fidlib.default_reference_path(
+            config.data.path, config.data.train_split, e.fid_feature_extractor, config.model.image_size
+        )
+    if build or "fid" not in jobs:
+        return path, None, build
+    if not explicit and not path.is_file():
+        return path, None, True  # the default cache next to the data: computed once, on first use
+    expect = {"extractor": e.fid_feature_extractor, "image_size": config.model.image_size}
+    if manifest is not None:
+        expect["data_fingerprint"] = data_fingerprint(manifest)
+    return path, fidlib.load_reference(path, expect), False  # FidError: missing, stale or other settings
+
+
+def _denoise_std(config: RunConfig, noise: TrainingNoise) -> float:
+    return config.eval.denoise_noise_std or noise.noise_std
+
+
+def evaluate(
+    config: RunConfig,
+    checkpoint: CheckpointInfo,
+    out_dir: str | Path,
+    address: str | None = None,
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run config.eval.jobs on Ray workers and write OUT/metrics.json (+ PNG grids); returns the report."""
+    start = time.perf_counter()
+    e = config.eval
+    jobs = [j for j in JOB_ORDER if j in e.jobs]
+    out_dir = Path(out_dir)
+    noise = training_noise(checkpoint)
+    model = load_model(checkpoint.path)  # strict: weights must match the embedded config
+
+    # Every check that can fail before spending time on workers.
+    denoise_std = _denoise_std(config, noise)
+    if "denoise" in jobs and denoise_std <= 0:
+        raise ConfigError(
+            f"eval.jobs has denoise but the checkpoint was trained with data.noise={noise.noise} ({noise.source}): "
+            "there is no Gaussian noise to remove; set eval.denoise_noise_std>0 to denoise anyway"
+        )
+    fid_denoise_std = denoise_std if (e.fid_denoise and denoise_std > 0) else None
+    needs_data = bool({"bpd", "fid_stats", "fid"} & set(jobs))
+    if needs_data and not config.data.path:
+        raise ConfigError(
+            f"eval.jobs {sorted(set(jobs) & {'bpd', 'fid_stats', 'fid'})} need data but data.path is empty: "
+            f"{checkpoint.path} records no dataset (an imported checkpoint?); pass data.path=DATA"
+        )
+    if needs_data:
+        config.data.path = resolve_data_path(config.data)  # builds the bundled set once, here, not per worker
+    if "bpd" in jobs:
+        _check_data(config, config.data.eval_split)
+    reference_path, reference, build_reference = None, None, False
+    if "fid" in jobs or "fid_stats" in jobs:
+        reference_path, reference, build_reference = _plan_fid(config, jobs)
+    num_workers = config.cluster.num_workers  # the one knob (eval.num_workers was removed)
+    settings = SampleSettings.from_eval_config(e)
+    bad_blocks = [k for k in e.decoding_sequential_blocks if k >= model.config.num_blocks]
+    if bad_blocks:
+        raise ConfigError(
+            f"eval.decoding_sequential_blocks {bad_blocks} out of range: the checkpoint has "
+            f"model.num_blocks={model.config.num_blocks}"
+        )
+    if e.decoding_cuda_graph and not config.cluster.use_gpu:
+        raise ConfigError("eval.decoding_cuda_graph=true needs GPU workers (cluster.use_gpu=true)")
+    if e.decoding_cuda_graph and not model.blocks[0].transform.closed_form_inverse:
+        raise ConfigError(
+            f"eval.decoding_cuda_graph=true needs a closed-form token inverse; model.transform="
+            f"{model.config.transform} inverts by iteration (use eval.decoding_compile=true instead)"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    weights = model_fingerprint(model)
+
+    def store_for(job: str, plan: dict) -> UnitStore:
+        return UnitStore(out_dir, job, {"job": job, "weights": weights, **plan})
+
+    started = init_ray(address or config.cluster.address)
+    results: dict[str, Any] = {}
+    try:
+        pool = WorkerPool(model, config, num_workers)
+        try:
+            if "bpd" in jobs:
+                results["bpd"], per_image = run_bpd(pool, config, noise, store_for)
+                write_per_image(per_image, out_dir / "bpd_per_image.csv")
+                results["bpd"]["per_image_file"] = str(out_dir / "bpd_per_image.csv")
+            if "sample" in jobs or "denoise" in jobs:
+                denoise = denoise_std if "denoise" in jobs else None
+                sampled = run_sampling(pool, config, settings, denoise, out_dir, store_for)
+                results["sample"] = {k: v for k, v in sampled.items() if k != "denoise"}
+                if "denoise" in jobs:
+                    results["denoise"] = {**sampled["denoise"], "files": sampled["files"]}
+            if build_reference:
+                results["fid_stats"] = run_fid_stats(pool, config, reference_path, store_for)
+            if "fid" in jobs:
+                if reference is None:
+                    reference = fidlib.load_reference(reference_path, {})
+                results["fid"] = run_fid(
+                    pool, config, settings, fid_denoise_std, reference, reference_path, out_dir, store_for
+                )
+        finally:
+            pool.close()
+        cluster = {
+            "address": ray.get_runtime_context().gcs_address,
+            "num_workers": num_workers,
+            "worker_devices": pool.devices,
+            "worker_startup_s": pool.startup_s,
+            "workers_replaced": pool.replaced,
+            "use_gpu": config.cluster.use_gpu,
+            "cpus_per_worker": config.cluster.cpus_per_worker,
+            "num_nodes": len([n for n in ray.nodes() if n.get("Alive")]),
+        }
+    finally:
+        if started:
+            ray.shutdown()
+    report = build_report(config, checkpoint, noise, results, cluster, time.perf_counter() - start, argv)
+    report["metrics_file"] = str(out_dir / METRICS_FILE)
+    write_report(report, out_dir / METRICS_FILE)
+    write_tensorboard(report, out_dir)  # the same numbers and grids, viewable beside the training curves
+    return report

@@ -1,0 +1,122 @@
+"""One evaluation worker (a Ray actor, one GPU on a cluster): loads the model once and runs units of work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import RunConfig, TarFlowConfig, from_dict
+from ..data import DataError, make_eval_loader
+from ..models.decoding import DecodingStats
+from ..models.tarflow import TarFlow
+from ..sampling import to_uint8, tweedie_denoise
+from . import fid as fidlib
+from .bpd import batch_bits_per_dim
+from .generate import SampleSettings, generate
+from .outputs import write_pngs
+
+
+def passes_arrays(stats: DecodingStats) -> dict[str, Any]:
+    """A unit's decoding statistics as arrays: passes per block (index = block, forward order) and calls."""
+    return {"passes": np.array([stats.passes[k] for k in range(len(stats.passes))]), "calls": stats.calls}
+
+
+class EvalWorker:
+    """One evaluation worker (a Ray actor): the model and, on demand, the feature network, loaded once."""
+
+    def __init__(self, payload: dict, config: dict, use_gpu: bool, threads: int):
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.config: RunConfig = from_dict(RunConfig, config)
+        model = TarFlow(from_dict(TarFlowConfig, payload["model_config"]))
+        model.load_state_dict(payload["state"], strict=True)
+        self.model = model.to(self.device).eval()
+        self._extractor = None
+
+    def ready(self) -> str:
+        """Returns once the model is loaded (so job timings exclude start-up); names the device."""
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return f"{name}, {torch.get_num_threads()} threads"
+
+    def _labels(self, labels: torch.Tensor, keys: list[str]) -> torch.Tensor | None:
+        num_classes = self.model.config.num_classes
+        if not num_classes:
+            return None
+        bad = ((labels < 0) | (labels >= num_classes)).nonzero().flatten().tolist()
+        if bad:
+            raise DataError(
+                f"sample {keys[bad[0]]!r} has label {int(labels[bad[0]])}, outside the model's {num_classes} classes"
+            )
+        return labels
+
+    def bpd_part(self, part: int, num_parts: int, kinds: list[tuple[str, str, float]]) -> dict[str, Any]:
+        """Per-image bits/dim of the samples with global index in part `part` of `num_parts` of data.eval_split."""
+        c = self.config
+        loader = make_eval_loader(c.data, c.eval.batch_size, part, num_parts)
+        keys: list[str] = []
+        values: dict[str, list[np.ndarray]] = {name: [] for name, _, _ in kinds}
+        for images, labels, batch_keys in loader:
+            y = self._labels(labels, batch_keys)
+            for name, kind, noise_std in kinds:
+                bpd = batch_bits_per_dim(
+                    self.model, images.to(self.device), y, batch_keys,
+                    kind=kind, noise_std=noise_std, num_draws=c.eval.bpd_draws, seed=c.eval.seed,
+                )  # fmt: skip
+                values[name].append(bpd.cpu().numpy())
+            keys += batch_keys
+        return {"keys": keys, "values": {k: np.concatenate(v) if v else np.zeros(0) for k, v in values.items()}}
+
+    def sample_chunk(
+        self, indices: list[int], settings: SampleSettings, denoise_std: float | None, step: float
+    ) -> dict[str, Any]:
+        stats = DecodingStats()
+        images, labels, redrawn = generate(self.model, indices, settings, stats)
+        out = {"indices": indices, "images": images.float().cpu(), "redrawn": redrawn, **passes_arrays(stats)}
+        out["labels"] = None if labels is None else labels.cpu()
+        if denoise_std is not None:
+            batch = self.config.eval.denoise_batch_size
+            out["denoised"] = tweedie_denoise(self.model, images, denoise_std, labels, step, batch).float().cpu()
+        return out
+
+    def _feature_network(self):
+        if self._extractor is None:
+            e = self.config.eval
+            self._extractor = fidlib.build_extractor(e.fid_feature_extractor, self.device, e.inception_path)
+        return self._extractor
+
+    def fid_chunk(
+        self,
+        indices: list[int],
+        settings: SampleSettings,
+        denoise_std: float | None,
+        step: float,
+        png_dir: str | None,
+    ) -> dict[str, Any]:
+        """Generate, (denoise), quantise and featurise samples `indices`: their features, one unit of the FID job
+        (about 8 KB per sample for Inception; the driver saves them and streams them into the statistics)."""
+        stats = DecodingStats()
+        images, labels, redrawn = generate(self.model, indices, settings, stats)
+        if denoise_std is not None:
+            images = tweedie_denoise(self.model, images, denoise_std, labels, step, self.config.eval.denoise_batch_size)
+        pixels = to_uint8(images).cpu()  # (B, C, H, W): exactly what a PNG of the sample holds
+        if png_dir:
+            write_pngs(pixels, indices, png_dir)
+        feats = fidlib.extract_features(pixels, self._feature_network(), self.device)
+        return {
+            "indices": indices, "feats": np.asarray(feats), "redrawn": redrawn, "count": len(indices),
+            **passes_arrays(stats),
+        }  # fmt: skip
+
+    def reference_part(self, part: int, num_parts: int, split: str, num_reference: int) -> dict[str, Any]:
+        """Feature statistics of the real images in part `part` of `num_parts` of `split` (one unit of fid_stats)."""
+        c = self.config
+        stats = fidlib.FeatureStats()
+        count = 0
+        for images, _, keys in make_eval_loader(c.data, c.eval.batch_size, part, num_parts, split=split):
+            feats = fidlib.extract_features(images, self._feature_network(), self.device)
+            keep = [fidlib.keep_reference_for_kid(k, num_reference, c.eval.kid_max_features) for k in keys]
+            stats.add(feats, ids=keys, keep=keep)
+            count += len(keys)
+        return {"count": count, "stats": stats}
