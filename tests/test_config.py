@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from tarflow_scale.config import (
     RunConfig,
     TarFlowConfig,
     dump_config,
+    from_dict,
     load_config,
     model_config_from_dict,
     parse_overrides,
@@ -184,3 +187,22 @@ def test_paper_recipes_match_the_reference_imagenet64_model(name):
     assert m.num_classes == (1000 if name == "imagenet64_cond" else 0)
     if m.num_classes:
         assert config.train.label_dropout == 0.1
+
+
+@dataclasses.dataclass
+class _Inner:
+    weight: float = 0.0
+
+
+@dataclasses.dataclass
+class _Section:
+    MOVED_KEYS: typing.ClassVar[dict[str, str]] = {"old_tol": "s.inner.weight", "inner": "s.inner.weight"}
+    inner: _Inner = dataclasses.field(default_factory=_Inner)
+
+
+def test_moved_keys_are_named_with_their_new_key():
+    with pytest.raises(ConfigError, match=r"s\.old_tol was removed: set s\.inner\.weight instead"):
+        from_dict(_Section, {"old_tol": 1.0}, prefix="s.")
+    with pytest.raises(ConfigError, match=r"s\.inner was removed: set s\.inner\.weight instead"):
+        from_dict(_Section, {"inner": 2.0}, prefix="s.")
+    assert from_dict(_Section, {"inner": {"weight": 2.0}}, prefix="s.").inner.weight == 2.0

@@ -85,6 +85,13 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass `cls` from a (partial) dict; missing keys keep their defaults."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    # A section lists its keys that moved (old name -> new dotted key) in MOVED_KEYS: a removed flat key, or a
+    # scalar given where a section now stands (eval.guidance=2 -> eval.guidance.weight), is named with its new key.
+    moved = getattr(cls, "MOVED_KEYS", {})
+    for name, value in data.items():
+        section = name in names and dataclasses.is_dataclass(hints[name]) and not isinstance(value, dict)
+        if name in moved and (name not in names or section):
+            raise ConfigError(f"config key {prefix}{name} was removed: set {moved[name]} instead")
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"unknown config key {prefix}{unknown[0]!s} (valid keys: {', '.join(sorted(names))})")
