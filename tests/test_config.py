@@ -143,11 +143,8 @@ def test_explicit_batch_values_error_only_when_they_cannot_work():
 
 
 def test_eval_num_workers_was_replaced_by_cluster_num_workers():
-    from tarflow_scale.config import EvalConfig
-
-    EvalConfig(num_workers=0).validate()  # what configs stored in older checkpoints hold
-    with pytest.raises(ConfigError, match=r"eval\.num_workers=8: this key was removed.*cluster\.num_workers=N"):
-        EvalConfig(num_workers=8).validate()
+    with pytest.raises(ConfigError, match=r"eval\.num_workers was removed: set cluster\.num_workers"):
+        load_config(None, ["eval.num_workers=8"])
 
 
 def test_run_dir_accepts_file_uris_and_refuses_object_stores():

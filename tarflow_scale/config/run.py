@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from .checks import ConfigError, check_at_least, check_no_nan
 from .models import TarFlowConfig
@@ -163,6 +163,11 @@ class TrainConfig:
 class EvalConfig:
     """Which evaluation jobs `tarflow-eval` runs and how (tarflow_scale/evaluation/)."""
 
+    # Keys that moved (config/loading.py names the new key when an old one is given).
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        "num_workers": "cluster.num_workers (evaluation runs on the cluster's workers)",
+    }
+
     # bpd: exact bits/dim on data.eval_split; sample: a PNG grid of num_samples; denoise: the same samples after
     # one Tweedie step; fid_stats: (re)compute the FID reference statistics of data.train_split; fid: FID + KID.
     jobs: list[Literal["bpd", "sample", "denoise", "fid_stats", "fid"]] = field(
@@ -204,9 +209,6 @@ class EvalConfig:
     kid_max_features: int = 10_000  # features kept per side for KID (generated: indices below this); 0: no KID
     # inception-2015-12-05.pt, or a folder holding it; "": clean-fid's own location (/tmp). Never downloaded.
     inception_path: str = ""
-    # Removed: evaluation runs on cluster.num_workers workers (the one knob). Kept only so configs stored in
-    # older checkpoints (num_workers: 0) still load; any other value is an error.
-    num_workers: int = 0
     # Images per forward+backward of the Tweedie step (its activations are kept for the backward pass: about
     # 3 GiB per 64x64 image for the paper's model in fp32); 0: eval.batch_size. The default fits an 80 GB GPU.
     denoise_batch_size: int = 16
@@ -222,11 +224,6 @@ class EvalConfig:
                 raise ConfigError(f"eval.{name} must be >= 1")
         if self.fid_num_samples < 2:
             raise ConfigError("eval.fid_num_samples must be >= 2 (a covariance needs two samples)")
-        if self.num_workers:
-            raise ConfigError(
-                f"eval.num_workers={self.num_workers}: this key was removed; evaluation runs on cluster.num_workers "
-                "workers (set cluster.num_workers=N instead)"
-            )
         for name in ("max_redraws", "denoise_batch_size", "kid_max_features", "denoise_noise_std"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"eval.{name} must be >= 0")
