@@ -115,7 +115,8 @@ def _evaluation(metrics: dict[str, Any] | None) -> str:
     if not rows:
         return "The evaluation beside this model recorded no bits/dim or FID results."
     settings = metrics.get("config", {}).get("eval", {})
-    note = f"\n\nSampling: guidance {settings.get('guidance')}, attention temperature {settings.get('attn_temp')}."
+    guidance = settings.get("guidance") or {}
+    note = f"\n\nSampling: guidance {guidance.get('weight')}, attention temperature {guidance.get('attn_temp')}."
     return _table(rows) + (note if settings else "")
 
 

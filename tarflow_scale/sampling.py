@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from .atomic import atomic_path
-from .models.decoding import Decoding, DecodingStats
+from .config import Decoding, Guidance
+from .models.decoding import DecodingStats
 from .models.tarflow import TarFlow
 
 # Large odd multiplier so (seed, index) pairs map to well-separated generator seeds.
@@ -31,28 +32,16 @@ def sample_indices(
     indices: list[int] | Tensor,
     seed: int,
     labels: Tensor | None = None,
-    guidance: float = 0.0,
-    guidance_annealed: bool = False,
-    attn_temp: float = 1.0,
-    decoding: str | Decoding | None = None,
-    precision: str = "fp32",
+    guidance: Guidance | None = None,
+    decoding: Decoding | str | None = None,
     stats: DecodingStats | None = None,
 ) -> Tensor:
     """Images in [-1, 1]-ish model space for the given sample indices (B, C, H, W); see TarFlow.inverse for
-    `decoding`, `precision` and `stats`."""
+    `guidance`, `decoding` and `stats`."""
     c = model.config
     param = next(model.parameters())
     eps = per_sample_noise(indices, (c.in_channels, c.image_size, c.image_size), seed, param.device, param.dtype)
-    return model.sample(
-        eps,
-        y=labels,
-        guidance=guidance,
-        guidance_annealed=guidance_annealed,
-        attn_temp=attn_temp,
-        decoding=decoding,
-        precision=precision,
-        stats=stats,
-    )
+    return model.sample(eps, y=labels, guidance=guidance, decoding=decoding, stats=stats)
 
 
 def score(model: TarFlow, x: Tensor, y: Tensor | None = None) -> Tensor:
@@ -148,9 +137,8 @@ def sample_images(
     num: int,
     *,
     labels: Sequence[int] | Tensor | int | str | None = None,
-    guidance: float = 0.0,
-    guidance_annealed: bool = False,
-    attn_temp: float = 1.0,
+    guidance: Guidance | None = None,
+    decoding: Decoding | str | None = None,
     denoise: bool | None = None,
     noise_std: float | None = None,
     seed: int = 0,
@@ -158,18 +146,16 @@ def sample_images(
     device: str | torch.device | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     denoise_batch_size: int = 16,
-    decoding: str | Decoding | None = None,
-    precision: str = "fp32",
 ) -> Tensor:
     """Draw `num` images in one call: uint8 (num, C, H, W).
 
     `model` is a TarFlow or the path of an export / checkpoint folder / run directory (loaded on `device`, CPU by
     default). Sample k depends only on (seed, k, its label and the settings), not on `batch_size`.
-    `labels`: see `resolve_labels`; guidance on a class-conditional model needs them. `denoise`: one Tweedie step
-    with the training noise (TarFlow §2.4); None denoises exactly when the model was trained with Gaussian noise,
-    whose std is read from the checkpoint (or given as `noise_std` with a model object). `on_batch(done, num)`
-    is called after each batch (progress). `decoding` ("sequential", "jacobi", "gs_jacobi" or a Decoding) and
-    `precision` ("fp32", "bf16", "tf32") go to TarFlow.inverse (docs/sampling.md).
+    `labels`: see `resolve_labels`; guidance on a class-conditional model needs them. `guidance` and `decoding`
+    (a Decoding or a mode name: "sequential", "jacobi", "gs_jacobi") go to TarFlow.inverse (docs/sampling.md).
+    `denoise`: one Tweedie step with the training noise (TarFlow §2.4); None denoises exactly when the model was
+    trained with Gaussian noise, whose std is read from the checkpoint (or given as `noise_std` with a model
+    object). `on_batch(done, num)` is called after each batch (progress).
 
     >>> images = sample_images("runs/tiny/model.safetensors", 8, seed=1)   # doctest: +SKIP
     """
@@ -189,9 +175,11 @@ def sample_images(
     model.eval()
     c = model.config
     y_all = resolve_labels(labels, num, c.num_classes)
-    if guidance != 0.0 and c.num_classes and y_all is None and attn_temp == 1.0:
+    guidance = guidance or Guidance()
+    decoding = Decoding.of(decoding)
+    if guidance.active and c.num_classes and y_all is None and guidance.attn_temp == 1.0:
         raise ValueError(
-            f"guidance={guidance} on a class-conditional model ({c.num_classes} classes) needs labels: pass "
+            f"guidance={guidance.weight} on a class-conditional model ({c.num_classes} classes) needs labels: pass "
             f"labels=[...] (one class per sample), labels=C (every sample class C) or labels='balanced' "
             f"(sample k gets class k mod {c.num_classes}); on the command line --class C [C ...] or --balanced"
         )
@@ -207,7 +195,7 @@ def sample_images(
     for start in range(0, num, batch_size):
         indices = list(range(start, min(num, start + batch_size)))
         y = None if y_all is None else y_all[indices].to(param.device)
-        x = sample_indices(model, indices, seed, y, guidance, guidance_annealed, attn_temp, decoding, precision)
+        x = sample_indices(model, indices, seed, y, guidance, decoding)
         if denoise:
             x = tweedie_denoise(model, x, float(noise_std), y, batch_size=denoise_batch_size)
         out.append(to_uint8(x).cpu())

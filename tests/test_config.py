@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 
@@ -203,3 +204,71 @@ def test_moved_keys_are_named_with_their_new_key():
     with pytest.raises(ConfigError, match=r"s\.inner was removed: set s\.inner\.weight instead"):
         from_dict(_Section, {"inner": 2.0}, prefix="s.")
     assert from_dict(_Section, {"inner": {"weight": 2.0}}, prefix="s.").inner.weight == 2.0
+
+
+# Every sampling key that moved into eval.guidance / eval.decoding (config/sampling.py), with its new key.
+MOVED_SAMPLING_KEYS = {
+    "eval.guidance=2": "eval.guidance.weight",
+    "eval.guidance_annealed=true": "eval.guidance.annealed",
+    "eval.attn_temp=1.5": "eval.guidance.attn_temp",
+    "eval.decoding=jacobi": "eval.decoding.mode",
+    "eval.decoding_tol=1e-6": "eval.decoding.tol",
+    "eval.decoding_max_iters=3": "eval.decoding.max_iters",
+    "eval.decoding_segment_size=8": "eval.decoding.segment_size",
+    "eval.decoding_sequential_blocks=[0]": "eval.decoding.sequential_blocks",
+    "eval.decoding_compile=true": "eval.decoding.compile",
+    "eval.decoding_cuda_graph=true": "eval.decoding.cuda_graph",
+    "eval.precision=bf16": "eval.decoding.precision",
+}
+
+
+@pytest.mark.parametrize("override,new_key", MOVED_SAMPLING_KEYS.items())
+def test_each_removed_sampling_key_names_its_new_key(override, new_key, tmp_path):
+    old_key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(old_key)} was removed: set {re.escape(new_key)} instead"):
+        load_config(None, [override])
+    path = tmp_path / "old.yaml"  # the same in a config file
+    path.write_text(f"eval:\n  {old_key.split('.')[1]}: {override.split('=')[1]}\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: config key {re.escape(old_key)} was removed"):
+        load_config(path)
+
+
+def test_nested_sampling_settings_load_from_overrides_and_yaml_and_are_checked(tmp_path):
+    from tarflow_scale.config import Decoding, Guidance
+
+    overrides = ["eval.guidance.weight=2", "eval.guidance.annealed=true", "eval.decoding.mode=gs_jacobi",
+                 "eval.decoding.sequential_blocks=[3, 1]", "eval.decoding.precision=bf16"]  # fmt: skip
+    e = load_config(None, overrides).eval
+    assert e.guidance == Guidance(2.0, annealed=True)
+    assert e.decoding == Decoding("gs_jacobi", sequential_blocks=(3, 1), precision="bf16")
+    path = tmp_path / "run.yaml"  # a tuple field of a frozen section, from YAML, and the override order
+    path.write_text("eval:\n  decoding:\n    sequential_blocks: [2]\n    tol: 3e-3\n  guidance:\n    attn_temp: 0.5\n")
+    e = load_config(path, ["eval.decoding.tol=1e-5"]).eval
+    assert (e.decoding.sequential_blocks, e.decoding.tol, e.guidance.attn_temp) == ((2,), 1e-5, 0.5)
+    assert load_config(path).eval.decoding.tol == 3e-3
+    dumped = tmp_path / "dumped.yaml"  # the resolved config round-trips
+    dump_config(load_config(path), dumped)
+    assert load_config(dumped).eval == load_config(path).eval
+    bad = {
+        "eval.guidance.weight=.nan": "eval.guidance.weight=nan is not a finite number",
+        "eval.guidance.weight=.inf": "eval.guidance.weight=inf is not a finite number",
+        "eval.guidance.attn_temp=0": "eval.guidance.attn_temp=0.0 must be a finite number > 0",
+        "eval.guidance.attn_temp=.nan": "eval.guidance.attn_temp=nan must be a finite number > 0",
+        "eval.decoding.tol=-1": "eval.decoding.tol=-1.0 must be a number >= 0",
+        "eval.decoding.tol=.nan": "eval.decoding.tol=nan must be a number >= 0",
+        "eval.decoding.max_iters=-1": "eval.decoding.max_iters=-1 must be >= 0",
+        "eval.decoding.segment_size=0": "eval.decoding.segment_size=0 must be >= 1",
+        "eval.decoding.sequential_blocks=[-1]": "eval.decoding.sequential_blocks=[-1] must be indices >= 0",
+        "eval.decoding.precision=fp16": "eval.decoding.precision: 'fp16' is not one of",
+    }
+    for override, message in bad.items():
+        with pytest.raises(ConfigError, match=re.escape(f"command-line override: {message}")):
+            load_config(None, [override])
+    both = ["eval.decoding.compile=true", "eval.decoding.cuda_graph=true"]
+    with pytest.raises(ConfigError, match="eval.decoding.compile and eval.decoding.cuda_graph are alternatives"):
+        load_config(None, both)
+    with pytest.raises(ConfigError, match="eval.decoding.cuda_graph applies to eval.decoding.mode sequential"):
+        load_config(None, ["eval.decoding.mode=jacobi", "eval.decoding.cuda_graph=true"])
+    path.write_text("eval:\n  guidance:\n    weight: .nan\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: eval.guidance.weight=nan is not a finite number")):
+        load_config(path)

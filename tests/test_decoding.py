@@ -7,8 +7,9 @@ import pytest
 import torch
 from test_flow import available_transforms, make_model
 
+from tarflow_scale.config import Decoding, Guidance
 from tarflow_scale.models import transformer
-from tarflow_scale.models.decoding import Decoding, DecodingStats
+from tarflow_scale.models.decoding import DecodingStats
 from tarflow_scale.sampling import to_uint8
 
 # (num_classes, guidance, annealed, attn_temp): unguided, class guidance, annealed class guidance with a
@@ -74,11 +75,11 @@ def test_parallel_modes_give_the_sequential_8bit_images(
     model = _model(transform, num_classes, dtype)
     z, y = _inputs(model)
     z = z.to(dtype)
-    kwargs = dict(guidance=guidance, guidance_annealed=annealed, attn_temp=attn_temp)
-    sequential = model.inverse(z, y, **kwargs)
+    guided = Guidance(guidance, annealed, attn_temp)
+    sequential = model.inverse(z, y, guided)
     stats = DecodingStats()
     decoding = Decoding(mode, tol=TOL[dtype], **options)
-    parallel = model.inverse(z, y, decoding=decoding, stats=stats, **kwargs)
+    parallel = model.inverse(z, y, guided, decoding, stats=stats)
     # The early stop leaves at most ~tol (measured: <= 0.8 tol over this grid, fp32 rounding included).
     margin = 2 * decoding.tol
     assert_same_8bit_images(parallel, sequential, margin)
@@ -96,12 +97,12 @@ def test_full_iterations_reproduce_sequential_to_float_precision(
     """tol=0 never stops early: T - 1 iterations per block (the guarantee) give the exact sequential result."""
     model = make_model("affine", num_classes, image_size=8, in_channels=3)
     z, y = _inputs(model)
-    kwargs = dict(guidance=guidance, guidance_annealed=annealed, attn_temp=attn_temp)
+    guided = Guidance(guidance, annealed, attn_temp)
     T = model.config.num_tokens
     stats = DecodingStats()
     decoding = Decoding(mode, tol=0.0, max_iters=T, segment_size=segment_size)
-    parallel = model.inverse(z, y, decoding=decoding, stats=stats, **kwargs)
-    torch.testing.assert_close(parallel, model.inverse(z, y, **kwargs), atol=1e-10, rtol=0)
+    parallel = model.inverse(z, y, guided, decoding, stats=stats)
+    torch.testing.assert_close(parallel, model.inverse(z, y, guided), atol=1e-10, rtol=0)
     assert stats.passes == {k: T - 1 for k in range(model.config.num_blocks)}
 
 
@@ -149,9 +150,9 @@ def test_jacobi_stops_early_and_truncation_is_inexact():
 def test_mixer_between_blocks_and_model_dtype_follow_every_mode():
     model = make_model("affine", 3, image_size=8, in_channels=3, mixer="cdflow")
     z, y = _inputs(model)
-    sequential = model.inverse(z, y, guidance=1.0)
+    sequential = model.inverse(z, y, Guidance(1.0))
     for mode in ("jacobi", "gs_jacobi"):
-        out = model.inverse(z, y, guidance=1.0, decoding=Decoding(mode, tol=0.0, segment_size=6))
+        out = model.inverse(z, y, Guidance(1.0), Decoding(mode, tol=0.0, segment_size=6))
         assert out.dtype == torch.float64
         torch.testing.assert_close(out, sequential, atol=1e-10, rtol=0)
 
@@ -167,13 +168,13 @@ def test_compiled_static_step_compiles_once_for_every_position_and_block(monkeyp
     model = _model("affine", 3, torch.float32)
     z, y = _inputs(model, batch=2)
     z = z.float()
-    kwargs = dict(guidance=1.5, guidance_annealed=True, attn_temp=1.2)
-    expected = model.inverse(z, y, **kwargs)
+    guided = Guidance(1.5, annealed=True, attn_temp=1.2)
+    expected = model.inverse(z, y, guided)
     torch._dynamo.reset()
     counters.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        compiled = model.inverse(z, y, decoding=Decoding(compile=True), **kwargs)
-        again = model.inverse(z, y, decoding=Decoding(compile=True), **kwargs)
+        compiled = model.inverse(z, y, guided, Decoding(compile=True))
+        again = model.inverse(z, y, guided, Decoding(compile=True))
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert counters["stats"]["calls_captured"] >= 1
     assert torch.equal(compiled, again)
@@ -200,7 +201,7 @@ def test_bf16_sampling_keeps_fp32_state_and_is_close_to_fp32(monkeypatch, mode):
     model = _model("affine", 3, torch.float32)
     z, y = _inputs(model)
     z = z.float()
-    reference = model.inverse(z, y, guidance=1.0)
+    reference = model.inverse(z, y, Guidance(1.0))
 
     spy = _Spy(model.transform)
     monkeypatch.setattr(model.transform, "inverse", spy)
@@ -213,8 +214,8 @@ def test_bf16_sampling_keeps_fp32_state_and_is_close_to_fp32(monkeypatch, mode):
         return cache
 
     monkeypatch.setattr(transformer.KVCache, "allocate", classmethod(counting_allocate))
-    decoding = Decoding(mode, tol=1e-2)
-    out = model.inverse(z, y, guidance=1.0, decoding=decoding, precision="bf16")
+    decoding = Decoding(mode, tol=1e-2, precision="bf16")
+    out = model.inverse(z, y, Guidance(1.0), decoding)
     assert allocations == [torch.bfloat16], "one bf16 cache for all blocks of the call"
     assert spy.dtypes == {(torch.float32, torch.float32)}
     assert out.dtype == torch.float32
@@ -233,7 +234,7 @@ def test_fp32_sampling_allocates_one_cache_per_call(monkeypatch):
         transformer.KVCache, "allocate", classmethod(lambda cls, *a: calls.append(a[1]) or allocate(cls, *a))
     )
     z, _ = _inputs(model)
-    model.inverse(z, guidance=2.0, attn_temp=1.5)
+    model.inverse(z, guidance=Guidance(2.0, attn_temp=1.5))
     model.inverse(z, decoding="gs_jacobi")
     assert calls == [6, 3], "batch 2B when guided, B otherwise; one allocation per call"
     # Zero-filled: the static step reads unwritten slots under a mask, where uninitialised NaNs would leak.
@@ -244,43 +245,43 @@ def test_fp32_sampling_allocates_one_cache_per_call(monkeypatch):
 def test_bad_decoding_options_are_named():
     model = make_model("affine", 0)
     z = torch.zeros(1, 2, 4, 4, dtype=torch.float64)
-    with pytest.raises(ValueError, match="decoding mode 'fast'"):
+    with pytest.raises(ValueError, match="decoding.mode='fast'"):
         model.inverse(z, decoding="fast")
     with pytest.raises(ValueError, match="sequential_blocks \\[5\\]"):
         model.inverse(z, decoding=Decoding("jacobi", sequential_blocks=(5,)))
-    with pytest.raises(ValueError, match="precision 'fp16'"):
-        model.inverse(z, precision="fp16")
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        model.inverse(z, decoding=Decoding(precision="fp16"))
     for bad in (dict(tol=-1.0), dict(max_iters=-1), dict(segment_size=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             Decoding("gs_jacobi", **bad)
 
 
 def test_eval_settings_carry_decoding_and_precision_into_sampling_and_the_report():
-    from dataclasses import asdict
-
     from tarflow_scale.config import ConfigError, load_config
-    from tarflow_scale.evaluation.generate import SampleSettings, generate
+    from tarflow_scale.evaluation.generate import generate
+    from tarflow_scale.evaluation.jobs import sampling_settings
 
     overrides = [
-        "eval.decoding=gs_jacobi", "eval.decoding_tol=1e-6", "eval.decoding_segment_size=5",
-        "eval.decoding_sequential_blocks=[0]", "eval.precision=fp32", "eval.guidance=1.0",
+        "eval.decoding.mode=gs_jacobi", "eval.decoding.tol=1e-6", "eval.decoding.segment_size=5",
+        "eval.decoding.sequential_blocks=[0]", "eval.decoding.precision=fp32", "eval.guidance.weight=1.0",
     ]  # fmt: skip
     e = load_config(overrides=overrides).eval
     e.validate()
-    settings = SampleSettings.from_eval_config(e)
-    report = asdict(settings)  # what run_sampling / run_fid write into metrics.json
-    assert report["decoding"] == "gs_jacobi" and report["decoding_segment_size"] == 5
-    assert report["decoding_sequential_blocks"] == (0,) and report["precision"] == "fp32"
-    assert settings.decoding_options() == Decoding("gs_jacobi", 1e-6, 0, 5, (0,))
+    report = sampling_settings(e)  # what run_sampling / run_fid write into metrics.json
+    assert report["decoding"]["mode"] == "gs_jacobi" and report["decoding"]["segment_size"] == 5
+    assert report["decoding"]["sequential_blocks"] == (0,) and report["decoding"]["precision"] == "fp32"
+    assert report["guidance"] == {"weight": 1.0, "annealed": False, "attn_temp": 1.0}
+    assert e.decoding == Decoding("gs_jacobi", 1e-6, 0, 5, (0,))
     model = _model("affine", 3)
-    parallel, labels, _ = generate(model, [0, 1, 2], settings)
-    sequential, _, _ = generate(model, [0, 1, 2], SampleSettings(guidance=1.0))
+    parallel, labels, _ = generate(model, [0, 1, 2], e.guidance, e.decoding, seed=e.seed)
+    sequential, _, _ = generate(model, [0, 1, 2], Guidance(1.0))
     assert_same_8bit_images(parallel, sequential, 2e-6)
-    for bad, key in (("eval.decoding=fast", "eval.decoding"), ("eval.decoding_segment_size=0", "segment_size")):
+    bad_values = (("eval.decoding.mode=fast", "eval.decoding.mode"), ("eval.decoding.segment_size=0", "segment_size"))
+    for bad, key in bad_values:
         with pytest.raises(ConfigError, match=key):
             load_config(overrides=[bad]).eval.validate()
     with pytest.raises(ConfigError, match="precision"):
-        load_config(overrides=["eval.precision=fp16"])
+        load_config(overrides=["eval.decoding.precision=fp16"])
 
 
 @pytest.mark.gpu
@@ -290,13 +291,13 @@ def test_parallel_and_compiled_decoding_on_gpu_match_cpu_sequential(precision):
     model = _model("affine", 3, torch.float32)
     z, y = _inputs(model)
     z = z.float()
-    reference = model.inverse(z, y, guidance=1.0)
+    reference = model.inverse(z, y, Guidance(1.0))
     gpu = model.cuda()
     # bf16: within bf16 rounding of fp32 (see the CPU bf16 test); fp32/tf32: within the decoding tolerance.
     margin = 0.05 if precision == "bf16" else 2e-3
-    decodings = (Decoding(), Decoding("gs_jacobi", segment_size=5), Decoding(compile=True), Decoding(cuda_graph=True))
-    for decoding in decodings:
-        out = gpu.inverse(z.cuda(), y.cuda(), guidance=1.0, decoding=decoding, precision=precision).cpu()
+    options = ({}, {"mode": "gs_jacobi", "segment_size": 5}, {"compile": True}, {"cuda_graph": True})
+    for decoding in (Decoding(**o, precision=precision) for o in options):
+        out = gpu.inverse(z.cuda(), y.cuda(), Guidance(1.0), decoding).cpu()
         assert out.dtype == torch.float32
         assert ((out - reference).abs() / (1 + reference.abs())).max() <= margin, (decoding, precision)
 
@@ -311,25 +312,25 @@ def test_cuda_graph_replay_gives_the_eager_sequential_samples(transform, num_cla
     model = _model(transform, num_classes, torch.float32).cuda()
     z, y = _inputs(model)
     z, y = z.float().cuda(), None if y is None else y.cuda()
-    kwargs = dict(guidance=guidance, guidance_annealed=annealed, attn_temp=attn_temp)
-    eager = model.inverse(z, y, **kwargs)
+    guided = Guidance(guidance, annealed, attn_temp)
+    eager = model.inverse(z, y, guided)
     stats = DecodingStats()
     for _ in range(2):
-        graphed = model.inverse(z, y, decoding=Decoding(cuda_graph=True), stats=stats, **kwargs)
+        graphed = model.inverse(z, y, guided, Decoding(cuda_graph=True), stats=stats)
         torch.testing.assert_close(graphed, eager, atol=1e-5, rtol=1e-5)
     assert stats.passes == {k: 2 * (model.config.num_tokens - 1) for k in range(model.config.num_blocks)}
-    bf16 = model.inverse(z, y, decoding=Decoding(cuda_graph=True), precision="bf16", **kwargs)
+    bf16 = model.inverse(z, y, guided, Decoding(cuda_graph=True, precision="bf16"))
     assert ((bf16 - eager).abs() / (1 + eager.abs())).max() <= 0.05  # bf16 rounding, as the CPU bf16 test
 
 
 def test_cuda_graph_decoding_refuses_what_it_cannot_capture():
-    with pytest.raises(ValueError, match="compile and cuda_graph are alternatives"):
+    with pytest.raises(ValueError, match="decoding.compile and decoding.cuda_graph are alternatives"):
         Decoding(compile=True, cuda_graph=True)
     z, _ = _inputs(_model("affine", 0, torch.float32))
-    with pytest.raises(ValueError, match="needs a CUDA device; the flow state is on cpu"):
+    with pytest.raises(ValueError, match="decoding.cuda_graph needs a CUDA device; sampling runs on cpu"):
         _model("affine", 0, torch.float32).inverse(z.float(), decoding=Decoding(cuda_graph=True))
     # An iterative inverse with a host-side stopping test cannot be captured: refused whatever the device.
-    with pytest.raises(ValueError, match="MixtureCDFTransform inverts by iteration"):
+    with pytest.raises(ValueError, match="model.transform=mixture inverts by iteration"):
         _model("mixture", 0, torch.float32).inverse(z.float(), decoding=Decoding(cuda_graph=True))
 
 

@@ -16,12 +16,12 @@ from PIL import Image
 
 import tarflow_scale.cli.eval as eval_cli
 from tarflow_scale.checkpoint import file_sha256, save_export, write_complete_marker
-from tarflow_scale.config import ConfigError, DataConfig, RunConfig, TarFlowConfig, dump_config
+from tarflow_scale.config import ConfigError, DataConfig, Guidance, RunConfig, TarFlowConfig, dump_config
 from tarflow_scale.data import make_eval_loader, read_manifest, write_split
 from tarflow_scale.data.sources import ArraySource
 from tarflow_scale.evaluation import fid as fidlib
 from tarflow_scale.evaluation.bpd import batch_bits_per_dim, summarize
-from tarflow_scale.evaluation.generate import NonFiniteSamplesError, SampleSettings, generate, redraw_seed
+from tarflow_scale.evaluation.generate import NonFiniteSamplesError, generate, redraw_seed
 from tarflow_scale.evaluation.resolve import default_out_dir, inspect_checkpoint, resolve_config
 from tarflow_scale.models.tarflow import TarFlow
 from tarflow_scale.sampling import per_sample_noise, score, tweedie_denoise
@@ -144,24 +144,24 @@ def test_guidance_zero_is_plain_conditional_sampling_and_guidance_changes_sample
     labels = torch.tensor(indices) % CLASSES
     plain = model.sample(eps, y=labels)
     # attn_temp only shapes the guiding pass: with w = 0 it must not matter.
-    for settings in (SampleSettings(seed=11), SampleSettings(seed=11, attn_temp=0.3, guidance_annealed=True)):
-        images, got_labels, redrawn = generate(model, indices, settings)
+    for guidance in (Guidance(), Guidance(0.0, annealed=True, attn_temp=0.3)):
+        images, got_labels, redrawn = generate(model, indices, guidance, seed=11)
         torch.testing.assert_close(images, plain, rtol=0, atol=1e-6)
         assert got_labels.tolist() == labels.tolist() and redrawn == 0
-    guided, _, _ = generate(model, indices, SampleSettings(seed=11, guidance=2.0))
+    guided, _, _ = generate(model, indices, Guidance(2.0), seed=11)
     assert (guided - plain).abs().max() > 1e-3
     # Batch-size independence: sample k is the same alone or in a batch.
-    alone, _, _ = generate(model, [7], SampleSettings(seed=11, guidance=2.0))
+    alone, _, _ = generate(model, [7], Guidance(2.0), seed=11)
     torch.testing.assert_close(alone[0], guided[2], rtol=0, atol=1e-5)
 
 
 def test_unconditional_guidance_by_attention_temperature():
     model = random_model(num_classes=0)
-    plain, labels, _ = generate(model, [0, 1, 2], SampleSettings(seed=1))
+    plain, labels, _ = generate(model, [0, 1, 2], seed=1)
     assert labels is None
-    same, _, _ = generate(model, [0, 1, 2], SampleSettings(seed=1, guidance=1.0, attn_temp=1.0))
+    same, _, _ = generate(model, [0, 1, 2], Guidance(1.0, attn_temp=1.0), seed=1)
     torch.testing.assert_close(same, plain, rtol=0, atol=1e-5)  # guiding pass identical to the conditional one
-    hot, _, _ = generate(model, [0, 1, 2], SampleSettings(seed=1, guidance=1.0, attn_temp=3.0))
+    hot, _, _ = generate(model, [0, 1, 2], Guidance(1.0, attn_temp=3.0), seed=1)
     assert (hot - plain).abs().max() > 1e-4
 
 
@@ -177,7 +177,7 @@ def test_nonfinite_samples_are_redrawn_with_derived_seeds_and_counted():
     model.sample = poisoned
     indices = list(range(12))
     seed = 4
-    images, _, redrawn = generate(model, indices, SampleSettings(seed=seed, max_redraws=50))
+    images, _, redrawn = generate(model, indices, seed=seed, max_redraws=50)
     assert torch.isfinite(images).all()
 
     # Expected: replay the per-index seeds attempt by attempt.
@@ -193,7 +193,7 @@ def test_nonfinite_samples_are_redrawn_with_derived_seeds_and_counted():
         want = real_sample(per_sample_noise([k], (3, SIZE, SIZE), final_seed[k]))
         torch.testing.assert_close(images[k : k + 1], want, rtol=0, atol=1e-5)
     with pytest.raises(NonFiniteSamplesError, match="max_redraws"):
-        generate(model, indices, SampleSettings(seed=seed, max_redraws=0))
+        generate(model, indices, seed=seed, max_redraws=0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -458,8 +458,8 @@ def test_full_evaluation_is_exact_once_and_independent_of_the_worker_count(ray_s
     model = random_model(seed=3, num_classes=CLASSES)
     path = export(model, tmp_path / "model.safetensors", data_path=dataset)
     common = [
-        "data.num_workers=0", "eval.batch_size=4", "eval.num_samples=10", "eval.guidance=1.5",
-        "eval.guidance_annealed=true", "eval.fid_num_samples=24", "eval.kid_max_features=16",
+        "data.num_workers=0", "eval.batch_size=4", "eval.num_samples=10", "eval.guidance.weight=1.5",
+        "eval.guidance.annealed=true", "eval.fid_num_samples=24", "eval.kid_max_features=16",
         "eval.fid_feature_extractor=pooled_pixels", "eval.bpd_draws=2", "eval.progress_every_s=0.01",
     ]  # fmt: skip
     two = _run(path, tmp_path / "two", *common, "eval.jobs=[bpd,sample,denoise,fid]", "cluster.num_workers=2")
@@ -467,7 +467,9 @@ def test_full_evaluation_is_exact_once_and_independent_of_the_worker_count(ray_s
     # Report: settings, checksum, versions.
     assert two["checkpoint"]["sha256"] == file_sha256(path)
     assert all(two["versions"][p] for p in ("torch", "deepspeed", "ray", "webdataset", "clean-fid", "tarflow-scale"))
-    assert two["config"]["eval"]["guidance"] == 1.5 and two["cluster"]["num_workers"] == 2
+    assert two["config"]["eval"]["guidance"]["weight"] == 1.5 and two["cluster"]["num_workers"] == 2
+    assert two["results"]["sample"]["settings"]["guidance"] == {"weight": 1.5, "annealed": True, "attn_temp": 1.0}
+    assert two["results"]["fid"]["settings"]["decoding"]["mode"] == "sequential"
     assert (two["training_noise"]["noise"], two["training_noise"]["noise_std"]) == ("gaussian", TRAIN_NOISE)
 
     # BPD: every held-out key exactly once, and the same numbers as one process computing everything.
@@ -517,8 +519,7 @@ def test_full_evaluation_is_exact_once_and_independent_of_the_worker_count(ray_s
     assert one["results"]["fid"]["kid"] == fid["kid"]
     # The grids exist, and the workers' samples equal the library's (batch 10 here vs chunks of 4 there).
     assert (tmp_path / "one" / "samples.png").is_file() and (tmp_path / "one" / "samples_denoised.png").is_file()
-    settings = SampleSettings(seed=0, guidance=1.5, guidance_annealed=True)
-    local, _, _ = generate(model, list(range(10)), settings)
+    local, _, _ = generate(model, list(range(10)), Guidance(1.5, annealed=True), seed=0)
     np.testing.assert_allclose(a["images"], local.numpy(), rtol=0, atol=1e-5)
     expected_denoised = tweedie_denoise(model, local, TRAIN_NOISE, torch.arange(10) % CLASSES)
     np.testing.assert_allclose(a["denoised"], expected_denoised.numpy(), rtol=0, atol=1e-5)
@@ -579,19 +580,19 @@ def test_interrupted_evaluation_resumes_from_its_units_with_identical_metrics(ra
 
 def test_decoding_options_are_checked_against_the_checkpoint_before_any_worker(tmp_path, dataset, capsys):
     path = export(random_model(num_classes=CLASSES), tmp_path / "m.safetensors", data_path=dataset)
-    assert eval_cli.main([str(path), "eval.jobs=[sample]", "eval.decoding_sequential_blocks=[9]"]) == 2
-    assert "eval.decoding_sequential_blocks [9] out of range" in capsys.readouterr().err
-    assert eval_cli.main([str(path), "eval.jobs=[sample]", "eval.decoding_cuda_graph=true"]) == 2
-    assert "eval.decoding_cuda_graph=true needs GPU workers (cluster.use_gpu=true)" in capsys.readouterr().err
+    assert eval_cli.main([str(path), "eval.jobs=[sample]", "eval.decoding.sequential_blocks=[9]"]) == 2
+    assert "eval.decoding.sequential_blocks [9] out of range" in capsys.readouterr().err
+    assert eval_cli.main([str(path), "eval.jobs=[sample]", "eval.decoding.cuda_graph=true"]) == 2
+    assert "eval.decoding.cuda_graph needs a CUDA device; sampling runs on cpu" in capsys.readouterr().err
     mixture = export(random_model(transform="mixture"), tmp_path / "mixture.safetensors", data_path=dataset)
     assert (
-        eval_cli.main([str(mixture), "eval.jobs=[sample]", "eval.decoding_cuda_graph=true", "cluster.use_gpu=true"])
+        eval_cli.main([str(mixture), "eval.jobs=[sample]", "eval.decoding.cuda_graph=true", "cluster.use_gpu=true"])
         == 2
     )
     assert "model.transform=mixture inverts by iteration" in capsys.readouterr().err
-    both = ["eval.decoding_cuda_graph=true", "eval.decoding_compile=true"]
+    both = ["eval.decoding.cuda_graph=true", "eval.decoding.compile=true"]
     assert eval_cli.main([str(path), "eval.jobs=[sample]", *both]) == 2
-    assert "eval.decoding_compile and eval.decoding_cuda_graph are alternatives" in capsys.readouterr().err
-    assert eval_cli.main([str(path), "--dry-run", "eval.decoding=gs_jacobi", "eval.precision=bf16"]) == 0
+    assert "eval.decoding.compile and eval.decoding.cuda_graph are alternatives" in capsys.readouterr().err
+    assert eval_cli.main([str(path), "--dry-run", "eval.decoding.mode=gs_jacobi", "eval.decoding.precision=bf16"]) == 0
     out = capsys.readouterr().out
-    assert "decoding: gs_jacobi" in out and "precision: bf16" in out
+    assert "mode: gs_jacobi" in out and "precision: bf16" in out

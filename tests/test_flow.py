@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tarflow_scale import NULL_LABEL, TarFlow, TarFlowConfig, patchify, unpatchify
+from tarflow_scale.config import Guidance
 from tarflow_scale.models.transforms import AffineTransform
 
 # Every model variant the generic checks run over: (transform, extra config, inverse tolerance).
@@ -177,7 +178,7 @@ def test_cached_sampler_equals_naive_sampler(transform, num_classes, guidance, a
     y = None if not num_classes else torch.tensor([0, 2, 1])
     with torch.no_grad():
         naive = naive_inverse(model, z, y, guidance, annealed, attn_temp)
-    cached = model.inverse(z, y, guidance=guidance, guidance_annealed=annealed, attn_temp=attn_temp)
+    cached = model.inverse(z, y, Guidance(guidance, annealed, attn_temp))
     torch.testing.assert_close(cached, naive, atol=1e-9, rtol=0)
 
 
@@ -186,10 +187,10 @@ def test_guidance_weight_zero_is_plain_conditional_sampling():
     z = torch.randn(4, 2, 4, 4, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 1])
     plain = model.inverse(z, y)
-    assert torch.equal(model.inverse(z, y, guidance=0.0, attn_temp=2.0), plain)
+    assert torch.equal(model.inverse(z, y, Guidance(0.0, attn_temp=2.0)), plain)
     # A vanishing weight takes the batched cond+uncond path: its conditional half must be untouched.
-    torch.testing.assert_close(model.inverse(z, y, guidance=1e-12), plain, atol=1e-9, rtol=0)
-    assert (model.inverse(z, y, guidance=1.0) - plain).abs().max() > 1e-3
+    torch.testing.assert_close(model.inverse(z, y, Guidance(1e-12)), plain, atol=1e-9, rtol=0)
+    assert (model.inverse(z, y, Guidance(1.0)) - plain).abs().max() > 1e-3
 
 
 def test_attention_temperature_guidance_of_unconditional_model():
@@ -197,8 +198,8 @@ def test_attention_temperature_guidance_of_unconditional_model():
     z = torch.randn(2, 2, 4, 4, dtype=torch.float64)
     plain = model.inverse(z)
     # At temperature 1 the guiding pass equals the conditional one, so guidance is a no-op.
-    torch.testing.assert_close(model.inverse(z, guidance=2.0, attn_temp=1.0), plain, atol=1e-12, rtol=0)
-    assert (model.inverse(z, guidance=2.0, attn_temp=1.5) - plain).abs().max() > 1e-4
+    torch.testing.assert_close(model.inverse(z, guidance=Guidance(2.0, attn_temp=1.0)), plain, atol=1e-12, rtol=0)
+    assert (model.inverse(z, guidance=Guidance(2.0, attn_temp=1.5)) - plain).abs().max() > 1e-4
 
 
 def test_null_label_semantics():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tarflow_scale import TarFlow, TarFlowConfig
+from tarflow_scale.config import Guidance
 
 pytestmark = [
     pytest.mark.gpu,
@@ -37,8 +38,8 @@ def test_gpu_sampling_matches_cpu():
     model = small_model()
     z = torch.randn(4, 3, 16, 16)
     y = torch.tensor([0, 1, 2, 0])
-    cpu = model.inverse(z, y, guidance=1.5)
-    gpu = model.cuda().inverse(z.cuda(), y.cuda(), guidance=1.5).cpu()
+    cpu = model.inverse(z, y, Guidance(1.5))
+    gpu = model.cuda().inverse(z.cuda(), y.cuda(), Guidance(1.5)).cpu()
     torch.testing.assert_close(gpu, cpu, atol=1e-3, rtol=1e-3)
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from tarflow_scale.checkpoint import CheckpointError
 from tarflow_scale.cli import import_checkpoint as import_cli
+from tarflow_scale.config import Guidance
 from tarflow_scale.interop.ml_tarflow import import_checkpoint, parse_filename, reference_log_det
 from tarflow_scale.models.likelihood import LOG_BIN_WIDTH_8BIT
 from tarflow_scale.models.tarflow import TarFlow
@@ -234,12 +235,12 @@ def test_samples_from_the_same_noise_match_the_reference(imported, guidance, att
     for y in [None] if not classes else [torch.tensor([0, 2, 1]), None]:
         if classes and y is None and guidance != 0 and attn_temp == 1.0:
             with pytest.raises(ValueError, match="needs labels"):  # null against null: refused, not silently run
-                model.sample(fold(eps), y, guidance=guidance, guidance_annealed=annealed)
+                model.sample(fold(eps), y, Guidance(guidance, annealed))
             continue
         with torch.no_grad():
             expected = ref.reverse(eps.clone(), y, guidance, attn_temp, annealed)
         assert torch.isfinite(expected).all()
-        got = model.sample(fold(eps), y, guidance=guidance, guidance_annealed=annealed, attn_temp=attn_temp)
+        got = model.sample(fold(eps), y, Guidance(guidance, annealed, attn_temp))
         torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
         # and the sample maps back to the noise: the import is a flow, not just a sampler
         z, _ = model(got, y)
@@ -269,13 +270,13 @@ def test_import_records_what_evaluation_needs(imported):
 def test_imported_model_runs_through_the_evaluation_code(imported, tmp_path):
     from tarflow_scale.config import ConfigError
     from tarflow_scale.evaluation.bpd import batch_bits_per_dim
-    from tarflow_scale.evaluation.generate import SampleSettings, generate
+    from tarflow_scale.evaluation.generate import generate
     from tarflow_scale.evaluation.orchestrate import evaluate
     from tarflow_scale.evaluation.resolve import inspect_checkpoint, resolve_config, training_noise
 
     _, model, out, classes = imported
     info = inspect_checkpoint(out)
-    images, labels, redrawn = generate(model, [0, 1, 2, 3], SampleSettings(seed=3, guidance=1.0))
+    images, labels, redrawn = generate(model, [0, 1, 2, 3], Guidance(1.0), seed=3)
     assert images.shape == (4, 3, IMAGE, IMAGE) and torch.isfinite(images).all() and redrawn == 0
     assert (labels is None) == (classes == 0)
     pixels = torch.randint(0, 256, (2, 3, IMAGE, IMAGE), dtype=torch.uint8)

@@ -7,7 +7,7 @@ import torch
 from test_flow import TRANSFORMS, available_transforms, full_jacobian, make_model, naive_inverse
 
 from tarflow_scale import NULL_LABEL, TarFlow, TarFlowConfig
-from tarflow_scale.config import ConfigError, from_dict
+from tarflow_scale.config import ConfigError, Guidance, from_dict
 from tarflow_scale.models.mixing import (
     CirculantDiagonalMixer,
     FeaturePermutation,
@@ -181,7 +181,7 @@ def test_model_with_mixers_cached_sampler_equals_naive_sampler(
     y = None if not num_classes else torch.tensor([0, 2, 1])
     with torch.no_grad():
         naive = naive_inverse(model, z, y, guidance, annealed, attn_temp)
-    cached = model.inverse(z, y, guidance=guidance, guidance_annealed=annealed, attn_temp=attn_temp)
+    cached = model.inverse(z, y, Guidance(guidance, annealed, attn_temp))
     torch.testing.assert_close(cached, naive, atol=1e-9, rtol=0)
 
 

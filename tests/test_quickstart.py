@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from tarflow_scale.checkpoint import save_export
-from tarflow_scale.config import DataConfig, RunConfig, TarFlowConfig, load_config
+from tarflow_scale.config import DataConfig, Guidance, RunConfig, TarFlowConfig, load_config
 from tarflow_scale.data import write_split
 from tarflow_scale.data.sources import ArraySource
 from tarflow_scale.evaluation.bpd import perturb
@@ -148,20 +148,20 @@ def test_sample_images_is_seeded_per_index_denoises_with_the_training_noise_and_
         "t",
         ema=False,
     )
-    images = sample_images(path, 5, labels="balanced", guidance=1.5, seed=3, batch_size=2)
+    images = sample_images(path, 5, labels="balanced", guidance=Guidance(1.5), seed=3, batch_size=2)
     assert images.dtype == torch.uint8 and images.shape == (5, 3, SIZE, SIZE)
     # Independent of the batch size, and equal to the steps done by hand: noise, guided inverse, Tweedie step.
-    assert torch.equal(sample_images(path, 5, labels="balanced", guidance=1.5, seed=3, batch_size=5), images)
+    assert torch.equal(sample_images(path, 5, labels="balanced", guidance=Guidance(1.5), seed=3, batch_size=5), images)
     y = torch.arange(5) % CLASSES
     eps = per_sample_noise(list(range(5)), (3, SIZE, SIZE), seed=3)
-    by_hand = tweedie_denoise(model, model.sample(eps, y=y, guidance=1.5), TRAIN_NOISE, y)
+    by_hand = tweedie_denoise(model, model.sample(eps, y=y, guidance=Guidance(1.5)), TRAIN_NOISE, y)
     assert torch.equal(to_uint8(by_hand), images)
-    undenoised = sample_images(path, 5, labels="balanced", guidance=1.5, seed=3, denoise=False)
-    assert torch.equal(undenoised, to_uint8(model.sample(eps, y=y, guidance=1.5)))
+    undenoised = sample_images(path, 5, labels="balanced", guidance=Guidance(1.5), seed=3, denoise=False)
+    assert torch.equal(undenoised, to_uint8(model.sample(eps, y=y, guidance=Guidance(1.5))))
     with pytest.raises(ValueError, match="needs labels.*balanced"):
-        sample_images(model, 2, guidance=2.0)
+        sample_images(model, 2, guidance=Guidance(2.0))
     with pytest.raises(ValueError, match="needs labels"):
-        model.sample(2, guidance=2.0)
+        model.sample(2, guidance=Guidance(2.0))
     with pytest.raises(ValueError, match="outside"):
         sample_images(model, 2, labels=[0, CLASSES])
     with pytest.raises(ValueError, match="unconditional"):
@@ -182,8 +182,9 @@ def test_sample_cli_writes_pngs_grid_and_npz_and_refuses_guidance_without_labels
     saved = np.load(out / "samples.npz")
     assert saved["labels"].tolist() == [2, 0, 2, 0, 2]
     settings = json.loads(str(saved["settings"]))
-    assert settings["denoised"] and settings["denoise_noise_std"] == TRAIN_NOISE and settings["guidance"] == 1.0
-    expected = sample_images(path, 5, labels=[2, 0, 2, 0, 2], guidance=1.0, seed=4)
+    assert settings["denoised"] and settings["denoise_noise_std"] == TRAIN_NOISE
+    assert settings["guidance"] == {"weight": 1.0, "annealed": False, "attn_temp": 1.0}
+    expected = sample_images(path, 5, labels=[2, 0, 2, 0, 2], guidance=Guidance(1.0), seed=4)
     assert np.array_equal(saved["images"], expected.permute(0, 2, 3, 1).numpy())
     assert np.array_equal(np.asarray(Image.open(out / "000003.png")), saved["images"][3])
     assert main([str(path), "--num", "2", "--guidance", "2", "--out", str(tmp_path / "x")]) == 2
@@ -197,7 +198,8 @@ def test_sample_cli_writes_pngs_grid_and_npz_and_refuses_guidance_without_labels
     diff = np.abs(parallel["images"].astype(int) - saved["images"].astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
     recorded = json.loads(str(parallel["settings"]))
-    assert (recorded["decoding"], recorded["decoding_tol"], recorded["precision"]) == ("jacobi", 0.0, "fp32")
+    decoding = recorded["decoding"]
+    assert (decoding["mode"], decoding["tol"], decoding["precision"]) == ("jacobi", 0.0, "fp32")
     # gs_jacobi with its options, the last block (inverted first) sequential: again the sequential images at tol 0.
     segmented = tmp_path / "segmented"
     last = model.config.num_blocks - 1
@@ -207,16 +209,29 @@ def test_sample_cli_writes_pngs_grid_and_npz_and_refuses_guidance_without_labels
     diff = np.abs(gs["images"].astype(int) - saved["images"].astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
     recorded = json.loads(str(gs["settings"]))
-    assert (recorded["decoding_segment_size"], recorded["decoding_sequential_blocks"]) == (3, [last])
+    assert (recorded["decoding"]["segment_size"], recorded["decoding"]["sequential_blocks"]) == (3, [last])
     assert main(argv[:-1] + [str(tmp_path / "oob"), "--decoding", "gs_jacobi", "--sequential-blocks", "9"]) == 2
     assert "--sequential-blocks [9] out of range" in capsys.readouterr().err and not (tmp_path / "oob").exists()
     # --cuda-graph is refused, saying why, where it cannot run (before anything is written).
     graphed = [str(path), "--num", "2", "--cuda-graph", "--out", str(tmp_path / "g")]
     assert main(graphed + ["--device", "cpu"]) == 2
-    assert "--cuda-graph needs a CUDA device (--device is cpu)" in capsys.readouterr().err
+    assert "--cuda-graph needs a CUDA device; sampling runs on cpu" in capsys.readouterr().err
     assert main(graphed + ["--device", "cuda", "--decoding", "jacobi"]) == 2
     assert "--cuda-graph applies to --decoding sequential" in capsys.readouterr().err
     assert not (tmp_path / "g").exists()
+    # Bad values fail on one line naming the flag (rc 2), before the model is loaded.
+    missing = str(tmp_path / "missing.safetensors")
+    for flags, message in (
+        (["--guidance", "nan"], "--guidance=nan is not a finite number"),
+        (["--attn-temp", "0"], "--attn-temp=0.0 must be a finite number > 0"),
+        (["--tol", "-1"], "--tol=-1.0 must be a number >= 0"),
+        (
+            ["--compile", "--cuda-graph"],
+            "--compile and --cuda-graph are alternatives for the sequential step: pick one",
+        ),
+    ):
+        assert main([missing, *flags]) == 2
+        assert capsys.readouterr().err == f"tarflow-sample: {message}\n"  # checked before the model is read
 
 
 def test_exports_are_readable_by_others(tmp_path):
@@ -333,7 +348,7 @@ def test_eval_console_reports_parallel_decoding_passes_but_not_sequential_ones()
         stats = DecodingStats(passes, num_tokens=256, calls=1)
         sample = {
             "num_samples": 16, "num_nonfinite_redrawn": 0, "files": {"grid": "s.png"},
-            "settings": {"decoding": decoding, "decoding_tol": 1e-4}, "decoding_passes": stats.summary(),
+            "settings": {"decoding": {"mode": decoding, "tol": 1e-4}}, "decoding_passes": stats.summary(),
         }  # fmt: skip
         return {"results": {"sample": sample}, "metrics_file": "m.json"}
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from tarflow_scale.benchmarks.common import add_device_option, load_suite_config, model_with_live_heads, sync
-from tarflow_scale.config import TarFlowConfig
+from tarflow_scale.config import Guidance, TarFlowConfig
 from tarflow_scale.evaluation.bpd import batch_bits_per_dim
-from tarflow_scale.evaluation.generate import SampleSettings, generate
+from tarflow_scale.evaluation.generate import generate
 from tarflow_scale.models.tarflow import TarFlow
 from tarflow_scale.sampling import tweedie_denoise
 
@@ -83,18 +83,18 @@ def bench_model(
     c = model.config
     indices = list(range(batch))
     # Unconditional models guide by attention temperature (TarFlow §2.5), conditional ones by the null label.
-    guided = SampleSettings(guidance=1.0, attn_temp=1.0 if c.num_classes else 1.5)
+    guided = Guidance(weight=1.0, attn_temp=1.0 if c.num_classes else 1.5)
     out = {}
     memory = PeakMemory(device)
-    for name, settings, denoise in (
-        ("sample", SampleSettings(), False),
+    for name, guidance, denoise in (
+        ("sample", Guidance(), False),
         ("sample_guided", guided, False),
-        ("sample_denoised", SampleSettings(), True),
+        ("sample_denoised", Guidance(), True),
         ("sample_guided_denoised", guided, True),
     ):
 
-        def run(settings=settings, denoise=denoise):
-            images, labels, _ = generate(model, indices, settings)
+        def run(guidance=guidance, denoise=denoise):
+            images, labels, _ = generate(model, indices, guidance)
             if denoise:
                 tweedie_denoise(model, images, noise_std, labels, batch_size=denoise_batch)
 

@@ -24,9 +24,9 @@ import torch
 from tarflow_scale.benchmarks.common import add_device_option, load_suite_config, model_with_live_heads, sync
 from tarflow_scale.benchmarks.eval import PeakMemory
 from tarflow_scale.benchmarks.model import count_train_flops, measure_matmul_peak
-from tarflow_scale.config import TarFlowConfig
+from tarflow_scale.config import Decoding, Guidance, TarFlowConfig
 from tarflow_scale.evaluation.bpd import batch_bits_per_dim
-from tarflow_scale.evaluation.generate import SampleSettings, generate
+from tarflow_scale.evaluation.generate import generate
 from tarflow_scale.models.tarflow import TarFlow
 from tarflow_scale.training.trainer import apply_precision
 
@@ -95,14 +95,14 @@ def bench_train(
 
 def bench_sampling(model: TarFlow, batch: int, device: torch.device, precision: str, cuda_graph: bool = False) -> float:
     """Guided sampling images/s (guidance 1: the conditional and guiding passes run as one batch of 2B).
-    bf16: the sampler's own precision policy (eval.precision): bf16 matmuls and KV cache, fp32 flow state.
-    cuda_graph: the sequential step replayed as one CUDA graph per block (eval.decoding_cuda_graph)."""
-    attn_temp = 1.0 if model.config.num_classes else 1.5
-    settings = SampleSettings(guidance=1.0, attn_temp=attn_temp, precision=precision, decoding_cuda_graph=cuda_graph)
-    generate(model, [0, 1], settings)  # warm-up
+    bf16: the sampler's own precision policy (eval.decoding.precision): bf16 matmuls and KV cache, fp32 flow state.
+    cuda_graph: the sequential step replayed as one CUDA graph per block (eval.decoding.cuda_graph)."""
+    guidance = Guidance(weight=1.0, attn_temp=1.0 if model.config.num_classes else 1.5)
+    decoding = Decoding(precision=precision, cuda_graph=cuda_graph)
+    generate(model, [0, 1], guidance, decoding)  # warm-up
     sync(device)
     start = time.perf_counter()
-    generate(model, list(range(batch)), settings)
+    generate(model, list(range(batch)), guidance, decoding)
     sync(device)
     return batch / (time.perf_counter() - start)
 

@@ -17,7 +17,8 @@ import time
 import torch
 
 from tarflow_scale.benchmarks.common import add_device_option, load_suite_config, perturb_heads, sync
-from tarflow_scale.models.decoding import Decoding, DecodingStats
+from tarflow_scale.config import Decoding, Guidance
+from tarflow_scale.models.decoding import DecodingStats
 from tarflow_scale.models.tarflow import TarFlow
 from tarflow_scale.sampling import per_sample_noise, to_uint8
 
@@ -51,15 +52,15 @@ def train_briefly(
     return losses
 
 
-def time_sampling(model, z, y, kwargs, decoding, repeats, device) -> tuple[float, torch.Tensor, DecodingStats]:
+def time_sampling(model, z, y, guidance, decoding, repeats, device) -> tuple[float, torch.Tensor, DecodingStats]:
     """Fastest of `repeats` calls after a warm-up (the minimum is least disturbed by other load)."""
     stats = DecodingStats()
-    images = model.inverse(z, y, decoding=decoding, stats=stats, **kwargs)
+    images = model.inverse(z, y, guidance, decoding, stats=stats)
     best = float("inf")
     for _ in range(repeats):
         sync(device)
         start = time.perf_counter()
-        model.inverse(z, y, decoding=decoding, **kwargs)
+        model.inverse(z, y, guidance, decoding)
         sync(device)
         best = min(best, time.perf_counter() - start)
     return best, images, stats
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="recipe or YAML (default: the built-in tiny quickstart model)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.channels=256")
     p.add_argument("--batches", default="1,64", help="comma-separated batch sizes")
-    p.add_argument("--modes", default="jacobi,gs_jacobi,gs_jacobi_seq", help="parallel modes to compare")
+    p.add_argument("--modes", default="jacobi,gs_jacobi,gs_jacobi_seq",
+                   help="parallel modes compared with sequential (always run); 'sequential': only it")  # fmt: skip
     p.add_argument("--tol", type=float, default=1e-4, help="Jacobi stopping tolerance (max change)")
     p.add_argument("--segment-size", type=int, default=16, help="gs_jacobi: tokens per segment")
     p.add_argument("--sequential-blocks", default="", help="gs_jacobi_seq: block indices decoded sequentially "
@@ -129,14 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(device).eval()
 
     seq_blocks = tuple(int(k) for k in args.sequential_blocks.split(",") if k) or (c.num_blocks - 1,)
+    precision = args.precision
     modes = {
-        "jacobi": Decoding("jacobi", tol=args.tol),
-        "gs_jacobi": Decoding("gs_jacobi", tol=args.tol, segment_size=args.segment_size),
+        "jacobi": Decoding("jacobi", tol=args.tol, precision=precision),
+        "gs_jacobi": Decoding("gs_jacobi", tol=args.tol, segment_size=args.segment_size, precision=precision),
         "gs_jacobi_seq": Decoding(
-            "gs_jacobi", tol=args.tol, segment_size=args.segment_size, sequential_blocks=seq_blocks
-        ),  # fmt: skip
+            "gs_jacobi", tol=args.tol, segment_size=args.segment_size, sequential_blocks=seq_blocks, precision=precision
+        ),
     }
-    chosen = [m for m in args.modes.split(",") if m]
+    chosen = [m for m in args.modes.split(",") if m and m != "sequential"]  # sequential: always the baseline
     unknown = [m for m in chosen if m not in modes]
     if unknown:
         print(f"error: --modes {unknown} not in {list(modes)}", file=sys.stderr)
@@ -154,24 +157,23 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     for guided in (False, True):
         if c.num_classes:
-            kwargs = dict(guidance=1.5 if guided else 0.0)
+            guidance = Guidance(weight=1.5 if guided else 0.0)
             label = "w=1.5 (class)" if guided else "off"
         else:
-            kwargs = dict(guidance=1.0 if guided else 0.0, attn_temp=1.5)
+            guidance = Guidance(weight=1.0 if guided else 0.0, attn_temp=1.5)
             label = "w=1, attn_temp 1.5" if guided else "off"
-        kwargs["precision"] = args.precision
         for batch in [int(b) for b in args.batches.split(",")]:
             z = model.prior.scale(per_sample_noise(range(batch), shape, 0, device, next(model.parameters()).dtype))
             y = (torch.arange(batch, device=device) % c.num_classes) if c.num_classes else None
-            runs = {"sequential": Decoding()}
+            runs = {"sequential": Decoding(precision=precision)}
             if args.compile:
-                runs["sequential+compile"] = Decoding(compile=True)
+                runs["sequential+compile"] = Decoding(compile=True, precision=precision)
             if args.cuda_graph:
-                runs["sequential+cuda_graph"] = Decoding(cuda_graph=True)
+                runs["sequential+cuda_graph"] = Decoding(cuda_graph=True, precision=precision)
             runs.update({m: modes[m] for m in chosen})
             base_s, base_images = None, None
             for name, decoding in runs.items():
-                seconds, images, stats = time_sampling(model, z, y, kwargs, decoding, args.repeats, device)
+                seconds, images, stats = time_sampling(model, z, y, guidance, decoding, args.repeats, device)
                 if base_s is None:
                     base_s, base_images = seconds, images
                 passes = [stats.passes[k] for k in sorted(stats.passes, reverse=True)]
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {label} | {batch} | {name} | {batch / seconds:.2f} | {base_s / seconds:.2f}x | {passes} | "
                       f"{ratio:.1f}x | {diff:.1e} | {flipped:.1e} |", flush=True)  # fmt: skip
             if args.precision != "fp32":  # what the reduced precision itself moves, for scale
-                exact = model.inverse(z, y, decoding=Decoding(), **{**kwargs, "precision": "fp32"})
+                exact = model.inverse(z, y, guidance, Decoding())
                 notes.append(
                     f"# {label}, batch {batch}: {args.precision} sequential vs fp32 sequential: max abs diff "
                     f"{float((base_images - exact).abs().max()):.1e}, 8-bit pixels differing "

@@ -66,9 +66,9 @@ def summary(report: dict) -> str:
         r = results["sample"]
         lines.append(f"samples: {r['num_samples']} ({r['num_nonfinite_redrawn']} redrawn) -> {r['files']['grid']}")
         passes, decoding = r.get("decoding_passes"), r["settings"]["decoding"]
-        if passes and decoding != "sequential":
+        if passes and decoding["mode"] != "sequential":
             lines.append(
-                f"decoding {decoding} (tol {r['settings']['decoding_tol']:g}): mean passes per block "
+                f"decoding {decoding['mode']} (tol {decoding['tol']:g}): mean passes per block "
                 f"{passes['mean_passes_per_block']} (sampling order) vs {passes['sequential_passes_per_block']} "
                 f"sequential, pass ratio {passes['pass_ratio']}x"
             )

@@ -3,10 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
+import typing
 from pathlib import Path
+from typing import Any
+
+from tarflow_scale.config import Decoding, Guidance, SettingError
+
+# Flags of the Guidance and Decoding fields (config/sampling.py): --field-name, except where a shorter word is the
+# established one. Help texts and defaults come from the fields themselves.
+FLAGS = {"weight": "--guidance", "mode": "--decoding"}
+FLAG_NAMES = {f.name: FLAGS.get(f.name, "--" + f.name.replace("_", "-")) for cls in (Guidance, Decoding)
+              for f in dataclasses.fields(cls)}  # fmt: skip
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, cls: type, prefix: str) -> None:
+    """One flag per field of the settings dataclass `cls` (Guidance or Decoding), with its type, default and help."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, options = hints[f.name], {"dest": f"{prefix}.{f.name}", "help": f.metadata["help"]}
+        if tp is bool:  # the fields default to False: the flag turns them on
+            parser.add_argument(FLAG_NAMES[f.name], action="store_true", **options)
+            continue
+        if typing.get_origin(tp) is typing.Literal:
+            options["choices"] = typing.get_args(tp)
+        elif typing.get_origin(tp) is tuple:  # tuple[int, ...]: one or more values
+            options.update(type=typing.get_args(tp)[0], nargs="+", metavar="K")
+        else:
+            options.update(type=tp, metavar=f.name.upper())
+        shown = " ".join(map(str, f.default)) or "none" if isinstance(f.default, tuple) else f.default
+        options["help"] += f" (default: {shown})"
+        parser.add_argument(FLAG_NAMES[f.name], default=f.default, **options)
+
+
+def settings_from_args(args: argparse.Namespace, cls: type, prefix: str) -> Any:
+    """The `cls` (Guidance or Decoding) the flags of `add_setting_flags` describe."""
+    return cls(**{f.name: getattr(args, f"{prefix}.{f.name}") for f in dataclasses.fields(cls)})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,52 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="class(es) of a class-conditional model; sample k gets C[k mod len(C)]",
     )
     group.add_argument("--balanced", action="store_true", help="class-conditional: sample k gets class k mod classes")
-    parser.add_argument(
-        "--guidance",
-        type=float,
-        default=0.0,
-        help="guidance weight w (params p_c + w (p_c - p_u)); needs --class/--balanced on a conditional model; "
-        "an unconditional model guides by attention temperature (--attn-temp). Default 0: no guidance",
-    )
-    parser.add_argument("--annealed", action="store_true", help="anneal guidance linearly over each block's tokens")
-    parser.add_argument(
-        "--attn-temp", type=float, default=1.0, help="attention temperature of the guiding pass (default 1.0)"
-    )
+    add_setting_flags(parser, Guidance, "guidance")
+    add_setting_flags(parser, Decoding, "decoding")
     parser.add_argument(
         "--no-denoise",
         action="store_true",
         help="skip the Tweedie denoising step (by default applied when the model was trained with Gaussian noise, "
         "with the noise std recorded in the checkpoint)",
-    )
-    parser.add_argument(
-        "--decoding",
-        choices=["sequential", "jacobi", "gs_jacobi"],
-        default="sequential",
-        help="how each flow block is inverted: token by token (default), or parallel Jacobi iterations that "
-        "reach the same images up to --tol (docs/sampling.md)",
-    )
-    parser.add_argument("--tol", type=float, default=1e-4, help="jacobi/gs_jacobi stopping tolerance (default 1e-4)")
-    parser.add_argument("--segment-size", type=int, default=64, help="gs_jacobi: tokens per segment (default 64)")
-    parser.add_argument(
-        "--sequential-blocks",
-        type=int,
-        nargs="+",
-        default=[],
-        metavar="K",
-        help="block indices (model.blocks order; the last is inverted first) decoded sequentially whatever "
-        "--decoding says: the blocks whose Jacobi iterations converge slowly (docs/sampling.md)",
-    )
-    parser.add_argument(
-        "--precision",
-        choices=["fp32", "bf16", "tf32"],
-        default="fp32",
-        help="the Transformer's matmuls and KV cache (the flow state stays fp32); default fp32",
-    )
-    parser.add_argument(
-        "--cuda-graph",
-        action="store_true",
-        help="sequential decoding on a GPU: capture each block's per-token step once as a CUDA graph and replay it "
-        "(one launch per token; affine, shift and spline models)",
     )
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples drawn at once (default 32)")
@@ -110,22 +106,21 @@ def write_outputs(out: Path, images, labels, settings: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:  # bad values fail here, naming the flag, before the model is loaded
+        args.guidance = settings_from_args(args, Guidance, "guidance")
+        args.decoding = settings_from_args(args, Decoding, "decoding")
+    except SettingError as e:
+        print(f"tarflow-sample: {e.at(FLAG_NAMES)}", file=sys.stderr)
+        return 2
     import torch
 
     from tarflow_scale.checkpoint import CheckpointError, read_training_config
-    from tarflow_scale.models.decoding import Decoding
     from tarflow_scale.sampling import resolve_labels, sample_images
 
     checkpoint = Path(args.checkpoint)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.num < 1:
         print("tarflow-sample: --num must be >= 1", file=sys.stderr)
-        return 2
-    if args.cuda_graph and not device.startswith("cuda"):
-        print(f"tarflow-sample: --cuda-graph needs a CUDA device (--device is {device})", file=sys.stderr)
-        return 2
-    if args.cuda_graph and args.decoding != "sequential":
-        print("tarflow-sample: --cuda-graph applies to --decoding sequential", file=sys.stderr)
         return 2
     try:
         run_config = read_training_config(checkpoint)
@@ -135,39 +130,25 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"tarflow-sample: {e}", file=sys.stderr)
         return 2
+    try:
+        args.decoding.check(model, torch.device(device).type, key=FLAG_NAMES)
+    except SettingError as e:
+        print(f"tarflow-sample: {e}", file=sys.stderr)
+        return 2
     num_classes = model.config.num_classes
     labels = None
     if args.classes:
         labels = [args.classes[k % len(args.classes)] for k in range(args.num)]
     elif args.balanced:
         labels = "balanced"
-    try:
-        decoding = Decoding(
-            mode=args.decoding, tol=args.tol, segment_size=args.segment_size,
-            sequential_blocks=tuple(args.sequential_blocks), cuda_graph=args.cuda_graph,
-        )  # fmt: skip
-    except ValueError as e:
-        print(f"tarflow-sample: {e}", file=sys.stderr)
-        return 2
-    bad = [k for k in decoding.sequential_blocks if not 0 <= k < model.config.num_blocks]
-    if bad:
-        print(f"tarflow-sample: --sequential-blocks {bad} out of range: the model has "
-              f"{model.config.num_blocks} blocks (0..{model.config.num_blocks - 1})", file=sys.stderr)  # fmt: skip
-        return 2
-    if args.cuda_graph and not model.blocks[0].transform.closed_form_inverse:
-        print(
-            f"tarflow-sample: --cuda-graph needs a closed-form token inverse; this model's {model.config.transform} "
-            "transform inverts by iteration",
-            file=sys.stderr,
-        )
-        return 2
     if (args.classes or args.balanced) and not num_classes:
         print("tarflow-sample: --class/--balanced given, but the model is unconditional", file=sys.stderr)
         return 2
-    if args.guidance and num_classes and labels is None:
+    if args.guidance.active and num_classes and labels is None:
         print(
-            f"tarflow-sample: --guidance {args.guidance} on a class-conditional model ({num_classes} classes) needs "
-            f"labels: pass --class C [C ...] (sample k gets C[k mod len]) or --balanced (class k mod {num_classes})",
+            f"tarflow-sample: --guidance {args.guidance.weight} on a class-conditional model ({num_classes} classes) "
+            "needs labels: pass --class C [C ...] (sample k gets C[k mod len]) or --balanced "
+            f"(class k mod {num_classes})",
             file=sys.stderr,
         )
         return 2
@@ -196,29 +177,19 @@ def main(argv: list[str] | None = None) -> int:
         args.num,
         labels=y,
         guidance=args.guidance,
-        guidance_annealed=args.annealed,
-        attn_temp=args.attn_temp,
+        decoding=args.decoding,
         denoise=denoise,
         noise_std=noise_std,
         seed=args.seed,
         batch_size=args.batch_size,
         on_batch=progress,
-        decoding=decoding,
-        precision=args.precision,
     )
     settings = {
         "checkpoint": str(checkpoint),
         "num": args.num,
         "seed": args.seed,
-        "guidance": args.guidance,
-        "guidance_annealed": args.annealed,
-        "attn_temp": args.attn_temp,
-        "decoding": args.decoding,
-        "decoding_tol": args.tol if args.decoding != "sequential" else None,
-        "decoding_segment_size": args.segment_size if args.decoding == "gs_jacobi" else None,
-        "decoding_sequential_blocks": list(args.sequential_blocks),
-        "precision": args.precision,
-        "cuda_graph": args.cuda_graph,
+        "guidance": dataclasses.asdict(args.guidance),
+        "decoding": dataclasses.asdict(args.decoding),
         "denoised": denoise,
         "denoise_noise_std": noise_std if denoise else 0.0,
         "labels": None if y is None else y.tolist(),

@@ -1,8 +1,9 @@
-"""Typed configuration. `checks`: the error type and range checks; `models`: the model families' architectures;
-`run`: the run config and its components; `study`: the tabular study; `loading`: YAML, overrides, type checks.
+"""Typed configuration. `checks`: the error types and range checks; `models`: the model families' architectures;
+`sampling`: guidance and decoding settings; `run`: the run config and its components; `study`: the tabular study;
+`loading`: YAML, overrides, type checks.
 """
 
-from .checks import ConfigError
+from .checks import ConfigError, SettingError
 from .loading import (
     SHIPPED_CONFIG_DIR,
     dump_config,
@@ -28,17 +29,21 @@ from .run import (
     quickstart_model,
     resolve_batching,
 )
+from .sampling import Decoding, Guidance
 
 __all__ = [
     "SHIPPED_CONFIG_DIR",
     "ClusterConfig",
     "ConfigError",
     "DataConfig",
+    "Decoding",
     "DeepSpeedConfig",
     "EvalConfig",
+    "Guidance",
     "MAFConfig",
     "OptimConfig",
     "RunConfig",
+    "SettingError",
     "TNAFConfig",
     "TarFlowConfig",
     "TrainConfig",

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .checks import ConfigError
+from .checks import ConfigError, SettingError
 from .models import TarFlowConfig
 from .run import RunConfig
 
@@ -96,7 +96,10 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     if unknown:
         raise ConfigError(f"unknown config key {prefix}{unknown[0]!s} (valid keys: {', '.join(sorted(names))})")
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except SettingError as e:  # a section that checks itself when built (config/sampling.py): name its keys here
+        raise e.at(prefix) from None
 
 
 def to_dict(config: Any) -> dict:

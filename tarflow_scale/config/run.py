@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 
 from .checks import ConfigError, check_at_least, check_no_nan
 from .models import TarFlowConfig
+from .sampling import Decoding, Guidance
 
 
 @dataclass
@@ -166,6 +167,17 @@ class EvalConfig:
     # Keys that moved (config/loading.py names the new key when an old one is given).
     MOVED_KEYS: ClassVar[dict[str, str]] = {
         "num_workers": "cluster.num_workers (evaluation runs on the cluster's workers)",
+        "guidance": "eval.guidance.weight",
+        "guidance_annealed": "eval.guidance.annealed",
+        "attn_temp": "eval.guidance.attn_temp",
+        "decoding": "eval.decoding.mode",
+        "decoding_tol": "eval.decoding.tol",
+        "decoding_max_iters": "eval.decoding.max_iters",
+        "decoding_segment_size": "eval.decoding.segment_size",
+        "decoding_sequential_blocks": "eval.decoding.sequential_blocks",
+        "decoding_compile": "eval.decoding.compile",
+        "decoding_cuda_graph": "eval.decoding.cuda_graph",
+        "precision": "eval.decoding.precision",
     }
 
     # bpd: exact bits/dim on data.eval_split; sample: a PNG grid of num_samples; denoise: the same samples after
@@ -176,22 +188,12 @@ class EvalConfig:
     batch_size: int = 64  # per worker per forward pass: images sampled, scored or featurised at once
     num_samples: int = 64  # sample/denoise: images in the grid (sample indices 0 .. num_samples - 1)
     seed: int = 0  # sample k uses noise seeded by (seed, k); dequantization noise by (seed, image key, draw)
-    guidance: float = 0.0  # w: params p_c + w (p_c - p_u); 0 is plain (conditional) sampling
-    guidance_annealed: bool = False  # w_t = w t / (T - 1) over the tokens of each block
-    attn_temp: float = 1.0  # attention temperature of the guiding pass (unconditional guidance, TarFlow §2.5)
+    # Sampling (sample, denoise, fid): eval.guidance.weight / .annealed / .attn_temp and eval.decoding.mode / .tol /
+    # .max_iters / .segment_size / .sequential_blocks / .precision / .compile / .cuda_graph (config/sampling.py,
+    # docs/sampling.md). Bits/dim is not affected by either (always fp32, no guidance).
+    guidance: Guidance = field(default_factory=Guidance)
+    decoding: Decoding = field(default_factory=Decoding)
     max_redraws: int = 10  # a non-finite sample is redrawn with a derived seed at most this many times, then error
-    # How each flow block's inverse is decoded when sampling (docs/sampling.md): sequential (token by token, the
-    # reference), jacobi (parallel fixed-point iterations) or gs_jacobi (Jacobi inside segments, in order).
-    decoding: Literal["sequential", "jacobi", "gs_jacobi"] = "sequential"
-    decoding_tol: float = 1e-4  # jacobi/gs_jacobi: stop once max |x_new - x| <= tol (model units; 8-bit step 2/255)
-    decoding_max_iters: int = 0  # iterations per segment; 0: the segment length (always exact)
-    decoding_segment_size: int = 64  # gs_jacobi: tokens per segment
-    decoding_sequential_blocks: list[int] = field(default_factory=list)  # model.blocks indices decoded sequentially
-    decoding_compile: bool = False  # sequential: torch.compile the static-shape per-token step
-    decoding_cuda_graph: bool = False  # sequential, GPU: replay the per-token step as one CUDA graph per block
-    # Sampling precision: the Transformer's matmuls and KV cache (bf16 halves the cache); the flow state, token
-    # transforms and guidance stay fp32. tf32 only changes CUDA matmuls. Bits/dim is not affected (always fp32).
-    precision: Literal["fp32", "bf16", "tf32"] = "fp32"
     bpd_draws: int = 1  # K: dequantization draws per image; the per-image BPD is their mean
     # Gaussian noise std (on [-1, 1]) the Tweedie step removes; 0: the checkpoint's training data.noise_std.
     denoise_noise_std: float = 0.0
@@ -227,20 +229,6 @@ class EvalConfig:
         for name in ("max_redraws", "denoise_batch_size", "kid_max_features", "denoise_noise_std"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"eval.{name} must be >= 0")
-        if self.attn_temp <= 0:
-            raise ConfigError("eval.attn_temp must be > 0")
-        if not self.decoding_tol >= 0:
-            raise ConfigError(f"eval.decoding_tol must be >= 0, got {self.decoding_tol}")
-        if self.decoding_max_iters < 0:
-            raise ConfigError("eval.decoding_max_iters must be >= 0 (0: the segment length)")
-        if self.decoding_segment_size < 1:
-            raise ConfigError("eval.decoding_segment_size must be >= 1")
-        if self.decoding_compile and self.decoding_cuda_graph:
-            raise ConfigError("eval.decoding_compile and eval.decoding_cuda_graph are alternatives: set one")
-        if any(k < 0 for k in self.decoding_sequential_blocks):
-            raise ConfigError(
-                f"eval.decoding_sequential_blocks must be block indices >= 0, got {self.decoding_sequential_blocks}"
-            )
         if self.progress_every_s <= 0:
             raise ConfigError("eval.progress_every_s must be > 0")
 

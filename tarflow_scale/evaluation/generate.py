@@ -1,56 +1,21 @@
-"""Evaluation samples by index: class-balanced labels, guidance settings, counted redraws of non-finite samples."""
+"""Evaluation samples by index: class-balanced labels, guided and decoded as configured, counted redraws of
+non-finite samples."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..models.decoding import Decoding, DecodingStats
+from ..config import Decoding, Guidance
+from ..models.decoding import DecodingStats
 from ..models.tarflow import TarFlow
 from ..sampling import sample_indices
 
 
 class NonFiniteSamplesError(RuntimeError):
     """Samples stayed non-finite after every allowed redraw: the model (or the guidance setting) is broken."""
-
-
-@dataclass(frozen=True)
-class SampleSettings:
-    """How sample k is drawn; every field goes into the metrics JSON."""
-
-    seed: int = 0
-    guidance: float = 0.0
-    guidance_annealed: bool = False
-    attn_temp: float = 1.0
-    max_redraws: int = 10
-    # Decoding of the block inverses and sampling precision (models/decoding.py); do not change the images
-    # beyond decoding_tol (parallel modes) or bf16 rounding (precision).
-    decoding: str = "sequential"
-    decoding_tol: float = 1e-4
-    decoding_max_iters: int = 0
-    decoding_segment_size: int = 64
-    decoding_sequential_blocks: tuple[int, ...] = ()
-    decoding_compile: bool = False
-    precision: str = "fp32"
-    decoding_cuda_graph: bool = False
-
-    @classmethod
-    def from_eval_config(cls, e) -> SampleSettings:
-        """The settings of an EvalConfig (config.eval)."""
-        return cls(
-            e.seed, e.guidance, e.guidance_annealed, e.attn_temp, e.max_redraws, e.decoding, e.decoding_tol,
-            e.decoding_max_iters, e.decoding_segment_size, tuple(e.decoding_sequential_blocks), e.decoding_compile,
-            e.precision, e.decoding_cuda_graph,
-        )  # fmt: skip
-
-    def decoding_options(self) -> Decoding:
-        return Decoding(
-            self.decoding, self.decoding_tol, self.decoding_max_iters, self.decoding_segment_size,
-            self.decoding_sequential_blocks, self.decoding_compile, self.decoding_cuda_graph,
-        )  # fmt: skip
 
 
 def balanced_labels(indices: list[int], num_classes: int) -> Tensor | None:
@@ -79,48 +44,50 @@ def _finite_rows(images: Tensor) -> Tensor:
 
 @torch.no_grad()
 def generate(
-    model: TarFlow, indices: list[int], settings: SampleSettings, stats: DecodingStats | None = None
+    model: TarFlow,
+    indices: list[int],
+    guidance: Guidance | None = None,
+    decoding: Decoding | None = None,
+    *,
+    seed: int = 0,
+    max_redraws: int = 10,
+    stats: DecodingStats | None = None,
 ) -> tuple[Tensor, Tensor | None, int]:
     """Samples (B, C, H, W) in model space (~[-1, 1]), their labels (B,) or None, and the number of redraws.
     `stats` receives the model passes of every sampling call, redraws included.
 
-    Sample k depends only on (settings, k): its noise comes from `per_sample_noise(seed, k)` and its label is
-    k mod num_classes, so the images do not depend on the batch size or the number of workers. A sample with a
-    NaN/inf value is redrawn from `redraw_seed(seed, attempt)` (again a function of k alone) and counted; after
-    `max_redraws` attempts NonFiniteSamplesError names the indices.
+    Sample k depends only on (seed, k, guidance, decoding): its noise comes from `per_sample_noise(seed, k)` and
+    its label is k mod num_classes, so the images do not depend on the batch size or the number of workers. A
+    sample with a NaN/inf value is redrawn from `redraw_seed(seed, attempt)` (again a function of k alone) and
+    counted; after `max_redraws` attempts NonFiniteSamplesError names the indices.
     """
+    guidance = guidance or Guidance()
     indices = [int(i) for i in indices]
     labels = balanced_labels(indices, model.config.num_classes)
     device = next(model.parameters()).device
     labels = None if labels is None else labels.to(device)
-    kwargs = dict(
-        guidance=settings.guidance,
-        guidance_annealed=settings.guidance_annealed,
-        attn_temp=settings.attn_temp,
-        decoding=settings.decoding_options(),
-        precision=settings.precision,
-        stats=stats,
-    )
-    images = sample_indices(model, indices, settings.seed, labels, **kwargs)
+    images = sample_indices(model, indices, seed, labels, guidance, decoding, stats)
     bad = (~_finite_rows(images)).nonzero().flatten().tolist()
     redrawn, attempt = 0, 0
     while bad:
         attempt += 1
-        if attempt > settings.max_redraws:
+        if attempt > max_redraws:
             shown = [indices[i] for i in bad[:10]]
             raise NonFiniteSamplesError(
                 f"{len(bad)} sample(s) (indices {shown}{'...' if len(bad) > 10 else ''}) are still non-finite after "
-                f"{settings.max_redraws} redraws (eval.max_redraws); check the checkpoint and the guidance settings "
-                f"(guidance={settings.guidance}, attn_temp={settings.attn_temp})"
+                f"{max_redraws} redraws (eval.max_redraws); check the checkpoint and the guidance settings "
+                f"(guidance={guidance.weight}, attn_temp={guidance.attn_temp})"
             )
         redrawn += len(bad)
         rows = torch.as_tensor(bad, device=device)
         new = sample_indices(
             model,
             [indices[i] for i in bad],
-            redraw_seed(settings.seed, attempt),
+            redraw_seed(seed, attempt),
             None if labels is None else labels[rows],
-            **kwargs,
+            guidance,
+            decoding,
+            stats,
         )
         images[rows] = new
         bad = [i for i, ok in zip(bad, _finite_rows(new).tolist()) if not ok]

@@ -13,13 +13,12 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_path
-from ..config import RunConfig
+from ..config import EvalConfig, RunConfig
 from ..data import DataError, read_manifest
 from ..models.decoding import DecodingStats
 from ..sampling import save_grid
 from . import fid as fidlib
 from .bpd import summarize
-from .generate import SampleSettings
 from .pool import Progress, WorkerPool
 from .resolve import TrainingNoise
 from .units import UnitStore
@@ -138,24 +137,32 @@ def run_bpd(
     return result, per_image
 
 
-def _sample_plan(settings: SampleSettings, denoise_std: float | None, step: float, batch_size: int) -> dict:
-    return {"settings": asdict(settings), "denoise_std": denoise_std, "step": step, "batch_size": batch_size}
+def sampling_settings(e: EvalConfig) -> dict[str, Any]:
+    """How sample k is drawn (eval.seed, eval.max_redraws, eval.guidance, eval.decoding): recorded in metrics.json
+    and part of each sampling job's plan, so a changed setting starts fresh units."""
+    return {
+        "seed": e.seed, "max_redraws": e.max_redraws, "guidance": asdict(e.guidance), "decoding": asdict(e.decoding),
+    }  # fmt: skip
+
+
+def _sample_plan(e: EvalConfig, denoise_std: float | None) -> dict:
+    plan = {"denoise_std": denoise_std, "step": e.denoise_step, "batch_size": e.batch_size}
+    return {"settings": sampling_settings(e), **plan}
 
 
 def run_sampling(
     pool: WorkerPool,
     config: RunConfig,
-    settings: SampleSettings,
     denoise_std: float | None,
     out_dir: Path,
     store_for: Callable[[str, dict], UnitStore],
 ) -> dict[str, Any]:
     """eval.num_samples samples (and their Tweedie-denoised versions when denoise_std is given): grids + npz."""
     e = config.eval
-    store = store_for("sample", _sample_plan(settings, denoise_std, e.denoise_step, e.batch_size))
+    store = store_for("sample", _sample_plan(e, denoise_std))
     progress = Progress("sample", e.num_samples, e.progress_every_s)
     chunks = _chunks(e.num_samples, e.batch_size)
-    items = [(c, settings, denoise_std, e.denoise_step) for c in chunks]
+    items = [(c, e.guidance, e.decoding, denoise_std, e.denoise_step) for c in chunks]
 
     def to_arrays(r: dict) -> dict[str, Any]:
         out = {"indices": np.array(r["indices"]), "images": r["images"].numpy(), "redrawn": r["redrawn"]}
@@ -184,7 +191,7 @@ def run_sampling(
     result: dict[str, Any] = {
         "num_samples": e.num_samples,
         "num_nonfinite_redrawn": sum(r["redrawn"] for r in results),
-        "settings": asdict(settings),
+        "settings": sampling_settings(e),
         "decoding_passes": _passes_summary(units, config.model.num_tokens),
         **timing,
     }
@@ -265,7 +272,6 @@ def run_fid_stats(
 def run_fid(
     pool: WorkerPool,
     config: RunConfig,
-    settings: SampleSettings,
     denoise_std: float | None,
     reference: fidlib.ReferenceStats,
     reference_path: Path,
@@ -276,11 +282,11 @@ def run_fid(
     png_dir = str(out_dir / "fid_samples") if e.fid_save_png else None
     store = store_for(
         "fid",
-        {**_sample_plan(settings, denoise_std, e.denoise_step, e.batch_size), "extractor": e.fid_feature_extractor},
+        {**_sample_plan(e, denoise_std), "extractor": e.fid_feature_extractor},
     )
     progress = Progress("fid", e.fid_num_samples, e.progress_every_s)
     chunks = _chunks(e.fid_num_samples, e.batch_size)
-    items = [(c, settings, denoise_std, e.denoise_step, png_dir) for c in chunks]
+    items = [(c, e.guidance, e.decoding, denoise_std, e.denoise_step, png_dir) for c in chunks]
     names = [f"chunk_{c[0]:09d}_{c[-1]:09d}" for c in chunks]
     units = _run_units(
         pool, store, "fid_chunk", names, items, progress, lambda r: r["count"],
@@ -304,7 +310,7 @@ def run_fid(
         "denoised": denoise_std is not None,
         "denoise_noise_std": denoise_std,
         "num_nonfinite_redrawn": sum(r["redrawn"] for r in results),
-        "settings": asdict(settings),
+        "settings": sampling_settings(e),
         "decoding_passes": _passes_summary(units, config.model.num_tokens),
         "protocol": fidlib.PROTOCOL,
         **timing,

@@ -13,7 +13,6 @@ from ..checkpoint import load_model
 from ..config import ConfigError, RunConfig
 from ..data import DataError, check_shard_sizes, read_manifest, resolve_data_path
 from . import fid as fidlib
-from .generate import SampleSettings
 from .jobs import JOB_ORDER, data_fingerprint, run_bpd, run_fid, run_fid_stats, run_sampling
 from .outputs import METRICS_FILE, build_report, write_per_image, write_report, write_tensorboard
 from .pool import WorkerPool, init_ray
@@ -113,20 +112,7 @@ def evaluate(
     if "fid" in jobs or "fid_stats" in jobs:
         reference_path, reference, build_reference = _plan_fid(config, jobs)
     num_workers = config.cluster.num_workers  # the one knob (eval.num_workers was removed)
-    settings = SampleSettings.from_eval_config(e)
-    bad_blocks = [k for k in e.decoding_sequential_blocks if k >= model.config.num_blocks]
-    if bad_blocks:
-        raise ConfigError(
-            f"eval.decoding_sequential_blocks {bad_blocks} out of range: the checkpoint has "
-            f"model.num_blocks={model.config.num_blocks}"
-        )
-    if e.decoding_cuda_graph and not config.cluster.use_gpu:
-        raise ConfigError("eval.decoding_cuda_graph=true needs GPU workers (cluster.use_gpu=true)")
-    if e.decoding_cuda_graph and not model.blocks[0].transform.closed_form_inverse:
-        raise ConfigError(
-            f"eval.decoding_cuda_graph=true needs a closed-form token inverse; model.transform="
-            f"{model.config.transform} inverts by iteration (use eval.decoding_compile=true instead)"
-        )
+    e.decoding.check(model, "cuda" if config.cluster.use_gpu else "cpu", key="eval.decoding.")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     weights = model_fingerprint(model)
@@ -145,7 +131,7 @@ def evaluate(
                 results["bpd"]["per_image_file"] = str(out_dir / "bpd_per_image.csv")
             if "sample" in jobs or "denoise" in jobs:
                 denoise = denoise_std if "denoise" in jobs else None
-                sampled = run_sampling(pool, config, settings, denoise, out_dir, store_for)
+                sampled = run_sampling(pool, config, denoise, out_dir, store_for)
                 results["sample"] = {k: v for k, v in sampled.items() if k != "denoise"}
                 if "denoise" in jobs:
                     results["denoise"] = {**sampled["denoise"], "files": sampled["files"]}
@@ -154,9 +140,7 @@ def evaluate(
             if "fid" in jobs:
                 if reference is None:
                     reference = fidlib.load_reference(reference_path, {})
-                results["fid"] = run_fid(
-                    pool, config, settings, fid_denoise_std, reference, reference_path, out_dir, store_for
-                )
+                results["fid"] = run_fid(pool, config, fid_denoise_std, reference, reference_path, out_dir, store_for)
         finally:
             pool.close()
         cluster = {

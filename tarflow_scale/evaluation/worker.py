@@ -7,14 +7,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import RunConfig, TarFlowConfig, from_dict
+from ..config import Decoding, Guidance, RunConfig, TarFlowConfig, from_dict
 from ..data import DataError, make_eval_loader
 from ..models.decoding import DecodingStats
 from ..models.tarflow import TarFlow
 from ..sampling import to_uint8, tweedie_denoise
 from . import fid as fidlib
 from .bpd import batch_bits_per_dim
-from .generate import SampleSettings, generate
+from .generate import generate
 from .outputs import write_pngs
 
 
@@ -68,11 +68,15 @@ class EvalWorker:
             keys += batch_keys
         return {"keys": keys, "values": {k: np.concatenate(v) if v else np.zeros(0) for k, v in values.items()}}
 
+    def _generate(self, indices: list[int], guidance: Guidance, decoding: Decoding, stats: DecodingStats):
+        e = self.config.eval
+        return generate(self.model, indices, guidance, decoding, seed=e.seed, max_redraws=e.max_redraws, stats=stats)
+
     def sample_chunk(
-        self, indices: list[int], settings: SampleSettings, denoise_std: float | None, step: float
+        self, indices: list[int], guidance: Guidance, decoding: Decoding, denoise_std: float | None, step: float
     ) -> dict[str, Any]:
         stats = DecodingStats()
-        images, labels, redrawn = generate(self.model, indices, settings, stats)
+        images, labels, redrawn = self._generate(indices, guidance, decoding, stats)
         out = {"indices": indices, "images": images.float().cpu(), "redrawn": redrawn, **passes_arrays(stats)}
         out["labels"] = None if labels is None else labels.cpu()
         if denoise_std is not None:
@@ -89,7 +93,8 @@ class EvalWorker:
     def fid_chunk(
         self,
         indices: list[int],
-        settings: SampleSettings,
+        guidance: Guidance,
+        decoding: Decoding,
         denoise_std: float | None,
         step: float,
         png_dir: str | None,
@@ -97,7 +102,7 @@ class EvalWorker:
         """Generate, (denoise), quantise and featurise samples `indices`: their features, one unit of the FID job
         (about 8 KB per sample for Inception; the driver saves them and streams them into the statistics)."""
         stats = DecodingStats()
-        images, labels, redrawn = generate(self.model, indices, settings, stats)
+        images, labels, redrawn = self._generate(indices, guidance, decoding, stats)
         if denoise_std is not None:
             images = tweedie_denoise(self.model, images, denoise_std, labels, step, self.config.eval.denoise_batch_size)
         pixels = to_uint8(images).cpu()  # (B, C, H, W): exactly what a PNG of the sample holds

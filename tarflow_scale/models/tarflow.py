@@ -1,11 +1,15 @@
-"""The TarFlow model: patchify, a stack of autoregressive flow blocks, a Gaussian prior (arXiv 2412.06329)."""
+"""The TarFlow model: patchify, a stack of autoregressive flow blocks, a Gaussian prior (arXiv 2412.06329).
+
+Forward (data -> noise) is one causal Transformer pass per block. The inverse (sampling) solves each block's
+triangular system token by token with a KV cache; faster decoders of the same system are in models/decoding/.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +18,8 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 from .. import model_card, weights
-from ..config import TarFlowConfig, to_dict
-from .decoding import Decoding, DecodingStats, cache_dtype, check_precision, matmul_precision
+from ..config import Decoding, Guidance, TarFlowConfig, to_dict
+from .decoding import DecodingStats, block_decoder, cache_dtype, matmul_precision
 from .likelihood import bits_per_dim
 from .mixing import build_mixer
 from .priors import GaussianPrior
@@ -51,6 +55,17 @@ def unpatchify(tokens: Tensor, patch_size: int, channels: int, image_size: int) 
     p, n = patch_size, image_size // patch_size
     x = tokens.reshape(B, n, n, channels, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, H/p, p, W/p, p)
     return x.reshape(B, channels, image_size, image_size)
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What every Transformer pass of one block inverse shares. Guided, the batch has 2B rows: the conditional ones
+    (the samples' labels, attention temperature 1), then the guiding ones (null label, `guidance.attn_temp`)."""
+
+    label: Tensor | float  # (rows, 1, C) label embedding; 0.0 for an unconditional model
+    attn_temp: Tensor | None  # (rows,) attention temperature of each row; None: 1 everywhere
+    guidance: Guidance
+    rows: int
 
 
 class FlowBlock(nn.Module):
@@ -109,8 +124,12 @@ class FlowBlock(nn.Module):
         rows = self.class_embed[y.clamp(min=0)]
         return torch.where(is_null, null, rows).to(like.dtype).unsqueeze(1)
 
+    def _embed(self, tokens: Tensor, positions: slice | Tensor, label: Tensor | float) -> Tensor:
+        """Tokens (B, L, D) at `positions` (a slice or L indices) -> the Transformer's input (B, L, C)."""
+        return self.proj_in(tokens) + self.pos_embed[positions].to(tokens.dtype) + label
+
     def _head(self, h: Tensor) -> Tensor:
-        """Transformer output (B, T', C) -> transform parameters (B, T', D, P)."""
+        """Transformer output (B, L, C) -> transform parameters (B, L, D, P)."""
         return self.proj_out(self.norm_out(h)).unflatten(-1, (self.config.token_dim, self.transform.num_params))
 
     def transform_params(self, x: Tensor, y: Tensor | None = None, attn_temp: Tensor | None = None) -> Tensor:
@@ -120,7 +139,7 @@ class FlowBlock(nn.Module):
         the trunk's matmuls run in bf16 while the residual stream h stays fp32 (bf16 outputs add onto fp32).
         """
         with trunk_autocast(x, self.trunk_dtype):
-            h = self.proj_in(x) + self.pos_embed.to(x.dtype) + self.label_embedding(y, x.shape[0], x)
+            h = self._embed(x, slice(None), self.label_embedding(y, x.shape[0], x))
             for layer in self.layers:
                 h = layer(h, attn_temp)
             params = self._head(h)
@@ -136,198 +155,80 @@ class FlowBlock(nn.Module):
             z, log_det = self.transform.forward(x, params)
         return self.permute(z), log_det.flatten(1).sum(1)
 
-    def guided_batch(
-        self, y: Tensor | None, batch: int, guidance: float, attn_temp: float, like: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, int]:
-        """Labels, per-sample attention temperatures and batch size of the Transformer passes of an inverse.
+    def inverse(
+        self,
+        z: Tensor,
+        y: Tensor | None = None,
+        guidance: Guidance | None = None,
+        cache: KVCache | None = None,
+        decoder=None,
+    ) -> tuple[Tensor, int]:
+        """Exact inverse z (B, T, D) -> x (B, T, D), and the number of Transformer passes it took.
 
-        With guidance w != 0 the conditional pass (labels y, temperature 1) and the guiding pass (null labels,
-        temperature `attn_temp`) run as one batch of 2B.
+        Guidance (TarFlow Sec. 2.5): the transform's parameters become p_c + w_t (p_c - p_u) (Guidance.weight_at);
+        for an unconditional model both passes differ only by the attention temperature. `cache` (from
+        TarFlow.inverse, one per sampling call) must have this call's batch rows (2B when guided); None allocates
+        one. `decoder(block, z, cond, cache) -> (x, passes)` solves the system in block order: None is
+        `decode_sequential`, models/decoding.block_decoder gives the others.
         """
-        if guidance == 0.0:
-            return y, None, batch
+        guidance = guidance or Guidance()
+        z = self.permute(z)
+        cond = self.conditioning(y, z.shape[0], guidance, z)
+        if cache is None:
+            cache = self.allocate_cache(cond.rows, z)
+        x, passes = (decoder or FlowBlock.decode_sequential)(self, z, cond, cache)
+        return self.permute(x), passes
+
+    def decode_sequential(self, z: Tensor, cond: Conditioning, cache: KVCache) -> tuple[Tensor, int]:
+        """Token by token in block order: x_0 = z_0 (the identity), then x_{t+1} = f^-1(z_{t+1}; theta(x_<=t)), the
+        parameters from one cached single-token pass each (T - 1 passes)."""
+        T = z.shape[1]
+        x = z.clone()
+        for t in range(T - 1):
+            params = self.predict(x[:, t : t + 1], t, cond, cache)[:, 0]  # parameters of token t + 1
+            x[:, t + 1] = self.transform.inverse(z[:, t + 1], params)
+        return x, T - 1
+
+    def conditioning(self, y: Tensor | None, batch: int, guidance: Guidance, like: Tensor) -> Conditioning:
+        """Labels and attention temperatures of the Transformer passes of an inverse of `batch` samples."""
+        if not guidance.active:
+            return Conditioning(self.label_embedding(y, batch, like), None, guidance, batch)
         labels = None
         if self.config.num_classes:
             uncond = torch.full((batch,), NULL_LABEL, device=like.device)
             labels = torch.cat([y if y is not None else uncond, uncond])
         ones = torch.ones(batch, device=like.device, dtype=like.dtype)
-        return labels, torch.cat([ones, ones * attn_temp]), 2 * batch
-
-    def inverse(
-        self,
-        z: Tensor,
-        y: Tensor | None = None,
-        guidance: float = 0.0,
-        guidance_annealed: bool = False,
-        attn_temp: float = 1.0,
-        decoding: str | Decoding | None = None,
-        cache: KVCache | None = None,
-    ) -> tuple[Tensor, int]:
-        """Exact inverse z (B, T, D) -> x (B, T, D), and the number of model passes it took.
-
-        Guidance: the transform's parameters become p_c + w_t (p_c - p_u), with w_t = w (t / (T - 1)) when
-        annealed; for an unconditional model both passes differ only by the attention temperature (TarFlow
-        Sec. 2.5). `decoding` picks sequential / jacobi / gs_jacobi (models/decoding.py); the block's own index is
-        not known here, so `sequential_blocks` is applied by TarFlow.inverse. `cache` (from TarFlow.inverse, one
-        per sampling call) must have exactly this call's batch rows (2B when guided); None allocates one.
-        """
-        options = Decoding.of(decoding)
-        z = self.permute(z)
-        B, T, _ = z.shape
-        labels, temps, batch = self.guided_batch(y, B, guidance, attn_temp, z)
-        if cache is None:
-            cache = self.allocate_cache(batch, z)
-        cond_embed = self.label_embedding(labels, batch, z)
-        if options.mode == "sequential" and options.cuda_graph:
-            x, passes = self._inverse_graphed(z, cond_embed, temps, guidance, guidance_annealed, cache)
-        elif options.mode == "sequential" and options.compile:
-            x, passes = self._inverse_static(z, cond_embed, temps, guidance, guidance_annealed, cache)
-        elif options.mode == "sequential":
-            x, passes = self._inverse_sequential(z, cond_embed, temps, guidance, guidance_annealed, cache)
-        else:
-            segment = T - 1 if options.mode == "jacobi" else options.segment_size
-            x, passes = self._inverse_jacobi(z, cond_embed, temps, guidance, guidance_annealed, cache, segment, options)
-        return self.permute(x), passes
+        temps = torch.cat([ones, ones * guidance.attn_temp])
+        return Conditioning(self.label_embedding(labels, 2 * batch, like), temps, guidance, 2 * batch)
 
     def allocate_cache(self, batch: int, like: Tensor) -> KVCache:
         c = self.config
         return KVCache.allocate(len(self.layers), batch, c.channels // c.head_dim, c.num_tokens, c.head_dim, like)
 
-    def _guide(self, params: Tensor, guided: bool, weight: Tensor | float, dtype: torch.dtype) -> Tensor:
-        """Raw head outputs of the (cond, guiding) batch -> the transform's parameters, in the flow's dtype."""
-        params = params.to(dtype)  # bf16 head outputs: guidance and the transform run in the state's precision
-        return self.transform.guide(*params.chunk(2), weight) if guided else params
-
-    def _inverse_sequential(self, z, cond_embed, temps, guidance, guidance_annealed, cache) -> tuple[Tensor, int]:
-        """Token by token with the KV cache, attending to the slice [0, t] (the fewest reads in eager mode)."""
-        T = z.shape[1]
-        guided = guidance != 0.0
-        x = z.clone()  # x[:, 0] = z[:, 0]: token 0 is the identity
-        for t in range(T - 1):
-            token = x[:, t : t + 1]
-            if guided:
-                token = torch.cat([token, token])
-            h = self.proj_in(token) + self.pos_embed[t].to(z.dtype) + cond_embed
-            for index, layer in enumerate(self.layers):
-                h = layer.step(h, t, cache, index, temps)
-            weight = guidance * (t + 1) / (T - 1) if guidance_annealed else guidance
-            params = self._guide(self._head(h)[:, 0], guided, weight, z.dtype)  # parameters of token t + 1
-            x[:, t + 1] = self.transform.inverse(z[:, t + 1], params)
-        return x, T - 1
-
-    def static_step(
-        self,
-        token: Tensor,
-        z_next: Tensor,
-        pos: Tensor,
-        cond_embed: Tensor | float,
-        temps: Tensor | None,
-        cache: KVCache,
-        guidance: float,
-        guidance_annealed: bool,
-    ) -> Tensor:
-        """x_{pos+1} from x_pos (token, (B, 1, D)) and z_{pos+1} (B, D), with the same shapes at every position:
-        `pos` is a 0-d int64 tensor and the cache is read under a mask, so torch.compile builds one graph (and a
-        GPU can capture it as one CUDA graph) for all T - 1 positions."""
-        T = self.config.num_tokens
-        if guidance != 0.0:
-            token = torch.cat([token, token])
-        h = self.proj_in(token) + self.pos_embed.index_select(0, pos.view(1)).to(z_next.dtype) + cond_embed
+    def predict(self, tokens: Tensor, start: int | Tensor, cond: Conditioning, cache: KVCache) -> Tensor:
+        """Transform parameters (B, L, D, P) of tokens start + 1 .. start + L from x's tokens [start, start + L)
+        (B, L, D) and the cached ones before them: embed, the cached Transformer, the head, guidance. The pass of
+        every decoder; `start` a 0-d tensor gives the static-shape pass (TransformerLayer.cached)."""
+        L, dtype = tokens.shape[1], tokens.dtype
+        guided = cond.guidance.active
+        if isinstance(start, Tensor):
+            positions = start.view(1) + torch.arange(L, device=start.device)
+        else:
+            positions = slice(start, start + L)
+        h = self._embed(torch.cat([tokens, tokens]) if guided else tokens, positions, cond.label)
         for index, layer in enumerate(self.layers):
-            h = layer.step_static(h, pos, cache, index, temps)
-        weight = guidance * (pos + 1).to(z_next.dtype) / (T - 1) if guidance_annealed else guidance
-        params = self._guide(self._head(h)[:, 0], guidance != 0.0, weight, z_next.dtype)
-        return self.transform.inverse(z_next, params)
-
-    def _inverse_static(self, z, cond_embed, temps, guidance, guidance_annealed, cache) -> tuple[Tensor, int]:
-        """Sequential decoding through the compiled static-shape step (Decoding.compile)."""
-        step = torch.compile(self.static_step, dynamic=False)
-        T = z.shape[1]
-        x = z.clone()
-        positions = torch.arange(T, device=z.device)
-        for t in range(T - 1):
-            x[:, t + 1] = step(x[:, t : t + 1], z[:, t + 1], positions[t], cond_embed, temps, cache, guidance,
-                               guidance_annealed)  # fmt: skip
-        return x, T - 1
-
-    def _inverse_graphed(self, z, cond_embed, temps, guidance, guidance_annealed, cache) -> tuple[Tensor, int]:
-        """Sequential decoding with `static_step` captured once as a CUDA graph (Decoding.cuda_graph) and replayed
-        at every position: its inputs are copied into fixed buffers, and the cache, weights, labels and
-        temperatures keep their addresses for the whole block, which is what replay requires."""
-        if not self.transform.closed_form_inverse:
-            raise ValueError(
-                f"decoding cuda_graph needs a closed-form token inverse; {type(self.transform).__name__} inverts "
-                "by iteration with a host-side stopping test (use compile=True or the eager sampler)"
-            )
-        if z.device.type != "cuda":
-            raise ValueError(f"decoding cuda_graph needs a CUDA device; the flow state is on {z.device}")
-        T = z.shape[1]
-        x = z.clone()
-        token, z_next = x[:, :1].clone(), z[:, 1].clone()
-        pos = torch.zeros((), dtype=torch.int64, device=z.device)
-
-        def step() -> Tensor:
-            return self.static_step(token, z_next, pos, cond_embed, temps, cache, guidance, guidance_annealed)
-
-        # Under bf16 sampling, autocast's cache of cast weights must be off while capturing: cached copies made
-        # during capture are freed when the cache clears, and replays would read freed memory.
-        bf16 = torch.is_autocast_enabled("cuda")
-        autocast = torch.autocast("cuda", torch.get_autocast_dtype("cuda"), cache_enabled=False) if bf16 else None
-        side = torch.cuda.Stream(z.device)  # warm-up off the capturing stream, as CUDA graph capture requires
-        side.wait_stream(torch.cuda.current_stream(z.device))
-        with torch.cuda.stream(side), autocast or nullcontext():
-            step()  # position 0: writes the cache slot that the first replay writes again
-        torch.cuda.current_stream(z.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), autocast or nullcontext():
-            out = step()
-        for t in range(T - 1):
-            token.copy_(x[:, t : t + 1])
-            z_next.copy_(z[:, t + 1])
-            pos.fill_(t)
-            graph.replay()
-            x[:, t + 1] = out
-        return x, T - 1
-
-    def _inverse_jacobi(
-        self, z, cond_embed, temps, guidance, guidance_annealed, cache, segment_size: int, options: Decoding
-    ) -> tuple[Tensor, int]:
-        """Gauss-Seidel over segments of input positions, Jacobi inside each (models/decoding.py).
-
-        Input positions [a, b) produce the parameters of tokens [a + 1, b + 1) (the one-token shift). x[a] is
-        final when the segment starts (token 0, or solved by the previous segment); iteration k makes token
-        a + k final, so b - a iterations are exact and the keys/values left in the cache for [a, b) come from
-        final (or, after an early stop, within-tol) inputs. Iteration k re-runs only positions [a + k, b).
-        """
-        T = z.shape[1]
-        guided = guidance != 0.0
-        positions = torch.arange(1, T, device=z.device, dtype=z.dtype)  # token indices 1 .. T-1
-        x = z.clone()  # initial guess x = z; token 0 is already exact
-        passes = 0
-        for a in range(0, T - 1, max(1, segment_size)):
-            b = min(a + segment_size, T - 1)
-            limit = b - a if options.max_iters == 0 else min(b - a, options.max_iters)
-            for iteration in range(limit):
-                # Positions [a, s) hold keys/values computed from final inputs (written by earlier iterations
-                # when tokens <= s - 1 were already exact), so each iteration re-runs only [s, b): less work,
-                # same fixed point.
-                s = a + iteration
-                inputs = x[:, s:b]
-                if guided:
-                    inputs = torch.cat([inputs, inputs])
-                h = self.proj_in(inputs) + self.pos_embed[s:b].to(z.dtype) + cond_embed
-                for index, layer in enumerate(self.layers):
-                    h = layer.chunk(h, s, cache, index, temps)
-                weight = (guidance * positions[s:b] / (T - 1)).view(1, -1, 1, 1) if guidance_annealed else guidance
-                params = self._guide(self._head(h), guided, weight, z.dtype)  # tokens s+1 .. b
-                new = self.transform.inverse(z[:, s + 1 : b + 1], params)
-                passes += 1
-                last = iteration == limit - 1
-                change = None if last else (new - x[:, s + 1 : b + 1]).abs().max()
-                x[:, s + 1 : b + 1] = new
-                if not last and bool(change <= options.tol):  # one host sync per iteration
-                    break
-        return x, passes
+            h = layer.cached(h, start, cache, index, cond.attn_temp)
+        params = self._head(h).to(dtype)  # bf16 head outputs: guidance and the transform run in the state's dtype
+        if not guided:
+            return params
+        if isinstance(start, Tensor):
+            produced = (positions + 1).to(dtype).view(1, L, 1, 1)  # indices of the tokens these parameters invert
+        elif L == 1:
+            produced = start + 1  # a Python number, so the eager sequential sampler computes w_t in double
+        else:
+            produced = torch.arange(start + 1, start + L + 1, device=tokens.device, dtype=dtype).view(1, L, 1, 1)
+        weight = cond.guidance.weight_at(produced, self.config.num_tokens)
+        return self.transform.guide(*params.chunk(2), weight)
 
 
 class TarFlow(
@@ -380,7 +281,7 @@ class TarFlow(
         """Precision policy: run every block's Transformer trunk under autocast to `dtype` (torch.bfloat16 for the
         bf16 policy), or in the input's dtype (None). Parameters, the flow state between blocks, transforms,
         log-determinants, mixers and the prior keep the input's dtype (fp32) either way. Applies to `forward`
-        (training, bits/dim, the Tweedie score); sampling precision is the sampler's choice."""
+        (training, bits/dim, the Tweedie score); sampling precision is the sampler's choice (Decoding.precision)."""
         for block in self.blocks:
             block.trunk_dtype = dtype
         return self
@@ -420,41 +321,34 @@ class TarFlow(
         self,
         z: Tensor,
         y: Tensor | None = None,
-        guidance: float = 0.0,
-        guidance_annealed: bool = False,
-        attn_temp: float = 1.0,
-        decoding: str | Decoding | None = None,
-        precision: str = "fp32",
+        guidance: Guidance | None = None,
+        decoding: Decoding | str | None = None,
         stats: DecodingStats | None = None,
     ) -> Tensor:
-        """Exact inverse of `forward`: z (B, C, H, W) -> x (B, C, H, W). See FlowBlock.inverse for guidance.
+        """Exact inverse of `forward`: z (B, C, H, W) -> x (B, C, H, W), the last block first.
 
-        decoding: "sequential" (default), "jacobi", "gs_jacobi" or a Decoding with its options (models/decoding.py).
-        precision: the Transformer's matmuls and KV cache in "fp32", "bf16" or "tf32"; the flow state, transforms
-        and mixers stay in z's dtype. One KV cache is allocated for the whole call and shared by every block.
-        stats: if given, the model passes of each block are added to it.
+        guidance: None is plain sampling (FlowBlock.inverse). decoding: how each block is solved and at which
+        precision (a Decoding, or a mode name with default options; None: sequential in fp32); the flow state,
+        transforms and mixers stay in z's dtype. One KV cache serves every block of the call. stats: if given, the
+        model passes of each block are added to it.
         """
         self._check_input(z)
-        options = Decoding.of(decoding)
-        check_precision(precision)
+        guidance = guidance or Guidance()
+        decoding = Decoding.of(decoding)
+        decoding.check(self, z.device.type)
         c = self.config
-        bad = [k for k in options.sequential_blocks if not 0 <= k < len(self.blocks)]
-        if bad:
-            raise ValueError(f"decoding sequential_blocks {bad} out of range for a model of {len(self.blocks)} blocks")
         tokens = patchify(z, c.patch_size)
-        batch = 2 * z.shape[0] if guidance != 0.0 else z.shape[0]
-        cache = self.blocks[0].allocate_cache(batch, tokens.new_empty((), dtype=cache_dtype(precision, z.dtype)))
+        rows = 2 * z.shape[0] if guidance.active else z.shape[0]
+        cache_like = tokens.new_empty((), dtype=cache_dtype(decoding.precision, z.dtype))
+        cache = self.blocks[0].allocate_cache(rows, cache_like)
         if stats is not None:
             stats.num_tokens = c.num_tokens
             stats.calls += 1
         for k in reversed(range(len(self.blocks))):
             if k < len(self.mixers):
                 tokens = self.mixers[k].inverse(tokens)
-            block_decoding = replace(options, mode=options.mode_for_block(k))
-            with matmul_precision(precision, z.device.type):
-                tokens, passes = self.blocks[k].inverse(
-                    tokens, y, guidance, guidance_annealed, attn_temp, block_decoding, cache
-                )
+            with matmul_precision(decoding.precision, z.device.type):
+                tokens, passes = self.blocks[k].inverse(tokens, y, guidance, cache, block_decoder(decoding, k))
             if stats is not None:
                 stats.add(k, passes)
         return unpatchify(tokens, c.patch_size, c.in_channels, c.image_size)
@@ -464,24 +358,22 @@ class TarFlow(
         self,
         n_or_z: int | Tensor,
         y: Tensor | None = None,
-        guidance: float = 0.0,
-        guidance_annealed: bool = False,
-        attn_temp: float = 1.0,
+        guidance: Guidance | None = None,
+        decoding: Decoding | str | None = None,
         generator: torch.Generator | None = None,
-        decoding: str | Decoding | None = None,
-        precision: str = "fp32",
         stats: DecodingStats | None = None,
     ) -> Tensor:
         """Draw images: z ~ prior (or the standard-normal noise given as `n_or_z`, scaled by the prior), then invert.
 
-        A class-conditional model guided (guidance != 0) needs labels `y`: without them the guiding pass would
-        extrapolate the null label against itself. (Without labels, attention-temperature guidance, attn_temp != 1,
-        is still meaningful: the null-label model against itself at another temperature.)
+        A class-conditional model guided (guidance.weight != 0) needs labels `y`: without them the guiding pass
+        would extrapolate the null label against itself. (Without labels, attention-temperature guidance,
+        attn_temp != 1, is still meaningful: the null-label model against itself at another temperature.)
         """
         c = self.config
-        if guidance != 0.0 and c.num_classes and y is None and attn_temp == 1.0:
+        guidance = guidance or Guidance()
+        if guidance.active and c.num_classes and y is None and guidance.attn_temp == 1.0:
             raise ValueError(
-                f"guidance={guidance} on a class-conditional model ({c.num_classes} classes) needs labels: pass "
+                f"guidance={guidance.weight} on a class-conditional model ({c.num_classes} classes) needs labels: pass "
                 f"y=torch.tensor([...]) (one class per sample), or class-balanced ones, y=torch.arange(n) % "
                 f"{c.num_classes} (tarflow_scale.sampling.sample_images(..., labels='balanced') does this)"
             )
@@ -491,9 +383,7 @@ class TarFlow(
             eps = torch.randn(shape, generator=generator, device=param.device, dtype=param.dtype)
         else:
             eps = n_or_z
-        return self.inverse(
-            self.prior.scale(eps), y, guidance, guidance_annealed, attn_temp, decoding, precision, stats
-        )
+        return self.inverse(self.prior.scale(eps), y, guidance, decoding, stats)
 
     # ------------------------------------------------------------------------------------------------------
     # Model directories and the Hub (huggingface_hub.PyTorchModelHubMixin hooks)

@@ -87,7 +87,7 @@ class TNAFLayer(nn.Module):
             token = start if i == 0 else self.value_embed(x[:, i - 1 : i, None])  # (B, 1, C)
             h = token + self.pos_embed[i].to(z.dtype)
             for index, layer in enumerate(self.layers):
-                h = layer.step(h, i, cache, index)
+                h = layer.cached(h, i, cache, index)  # one token: a pass of length 1
             params = self._head(h)[:, 0]  # (B, P): parameters of dimension i
             x[:, i] = self.transform.inverse(z[:, i], params)
         return self.permute(x)

@@ -24,9 +24,10 @@ class LayerNorm32(nn.LayerNorm):
 class KVCache:
     """Keys and values of every layer of one block, preallocated for the whole sequence.
 
-    keys, values: (num_layers, B, num_heads, T, head_dim). Step t writes slot t in place and attends to
-    slots [0, t]: no per-step concatenation, no hidden module state. One cache serves every block of a sampling
-    call (each block overwrites a slot before reading it), so a whole sampling call allocates it once.
+    keys, values: (num_layers, B, num_heads, T, head_dim). A pass over positions [s, s + L) writes those slots in
+    place and attends to slots [0, s + L): no per-step concatenation, no hidden module state. One cache serves
+    every block of a sampling call (each block overwrites a slot before reading it), so a whole sampling call
+    allocates it once.
     """
 
     keys: Tensor
@@ -37,7 +38,7 @@ class KVCache:
         cls, num_layers: int, batch: int, num_heads: int, num_tokens: int, head_dim: int, like: Tensor
     ) -> KVCache:
         shape = (num_layers, batch, num_heads, num_tokens, head_dim)
-        # Zeros, not empty: the static-shape step reads every slot under a mask, and a masked slot still enters
+        # Zeros, not empty: the static-shape pass reads every slot under a mask, and a masked slot still enters
         # the weighted sum as 0 x value, which is NaN if uninitialised memory holds a NaN.
         return cls(like.new_zeros(shape), like.new_zeros(shape))
 
@@ -71,51 +72,37 @@ class CausalSelfAttention(nn.Module):
         q = self._apply_temperature(q, attn_temp)
         return self._merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
-    def step(self, h: Tensor, pos: int, cache: KVCache, layer: int, attn_temp: Tensor | None = None) -> Tensor:
-        """One token at position `pos` attending to cached positions [0, pos]. h: (B, 1, C)."""
-        q, k, v = self._split_heads(h)
-        cache.keys[layer, :, :, pos] = k[:, :, 0]
-        cache.values[layer, :, :, pos] = v[:, :, 0]
-        q = self._apply_temperature(q, attn_temp)
-        keys = cache.keys[layer, :, :, : pos + 1]
-        values = cache.values[layer, :, :, : pos + 1]
-        return self._merge_heads(F.scaled_dot_product_attention(q, keys, values))
-
-    def step_static(
-        self, h: Tensor, pos: Tensor, cache: KVCache, layer: int, attn_temp: Tensor | None = None
+    def cached(
+        self, h: Tensor, start: int | Tensor, cache: KVCache, layer: int, attn_temp: Tensor | None = None
     ) -> Tensor:
-        """`step` with static shapes for torch.compile / CUDA graphs: `pos` is a 0-d int64 tensor, the slot is
-        written with index_copy_ and all T cached positions are read under a mask (keys > pos excluded), so
-        every position runs the same graph. h: (B, 1, C)."""
-        q, k, v = self._split_heads(h)
-        keys, values = cache.keys[layer], cache.values[layer]  # (B, nh, T, hd) views
-        index = pos.view(1)
-        keys.index_copy_(2, index, k)
-        values.index_copy_(2, index, v)
-        q = self._apply_temperature(q, attn_temp)
-        visible = (torch.arange(keys.shape[2], device=h.device) <= pos).unsqueeze(0)  # (1, T): query row, key cols
-        return self._merge_heads(F.scaled_dot_product_attention(q, keys, values, attn_mask=visible))
+        """Tokens at positions [start, start + L) attending causally to themselves and to the cached [0, start).
 
-    def chunk(self, h: Tensor, start: int, cache: KVCache, layer: int, attn_temp: Tensor | None = None) -> Tensor:
-        """Tokens at positions [start, start + L) attending causally to themselves and to cached [0, start).
-
-        Writes their keys/values into slots [start, start + L) (a later call for the same positions overwrites
-        them: Jacobi iterations refine a segment in place). h: (B, L, C). start = 0 is a plain causal pass.
+        Writes their keys/values into slots [start, start + L) of the cache (a later call for the same positions
+        overwrites them: Jacobi iterations refine a segment in place). h: (B, L, C); a one-token step is L = 1.
+        `start` an int reads the slots [0, start + L) only (the fewest reads). `start` a 0-d int64 tensor gives the
+        same result with the same shapes at every position, for torch.compile / CUDA graphs: the slots are written
+        with index_copy_ and all T slots are read under a mask (keys after each query's position excluded).
         """
         q, k, v = self._split_heads(h)
         L = h.shape[1]
-        end = start + L
-        cache.keys[layer, :, :, start:end] = k
-        cache.values[layer, :, :, start:end] = v
         q = self._apply_temperature(q, attn_temp)
-        keys = cache.keys[layer, :, :, :end]
-        values = cache.values[layer, :, :, :end]
-        if start == 0:
-            return self._merge_heads(F.scaled_dot_product_attention(q, keys, values, is_causal=True))
-        # Query i (position start + i) sees keys [0, start + i]: the causal mask aligned to the lower right, which
-        # SDPA's fused kernels apply without materialising an (L, end) mask (~30% faster on CPU than a bool mask).
-        visible = causal_lower_right(L, end)
-        return self._merge_heads(F.scaled_dot_product_attention(q, keys, values, attn_mask=visible))
+        if isinstance(start, Tensor):
+            slots = start.view(1) + torch.arange(L, device=h.device)
+            cache.keys[layer].index_copy_(2, slots, k)
+            cache.values[layer].index_copy_(2, slots, v)
+            keys, values = cache.keys[layer], cache.values[layer]  # (B, nh, T, hd): every slot
+            mask = torch.arange(keys.shape[2], device=h.device) <= slots.unsqueeze(-1)  # (L, T): query, key
+        else:
+            end = start + L
+            cache.keys[layer, :, :, start:end] = k
+            cache.values[layer, :, :, start:end] = v
+            keys, values = cache.keys[layer, :, :, :end], cache.values[layer, :, :, :end]  # (B, nh, end, hd)
+            # One query sees every key written so far (no mask); from position 0 the plain causal mask; else query
+            # i (position start + i) sees keys [0, start + i], the causal mask aligned to the lower right, which
+            # SDPA's fused kernels apply without materialising an (L, end) mask (~30% faster on CPU than a bool one).
+            mask = None if L == 1 or start == 0 else causal_lower_right(L, end)
+        causal = mask is None and L > 1
+        return self._merge_heads(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal))
 
 
 class TransformerLayer(nn.Module):
@@ -133,16 +120,9 @@ class TransformerLayer(nn.Module):
         h = h + self.attn(self.attn_norm(h), attn_temp)
         return h + self.mlp(self.mlp_norm(h))
 
-    def step(self, h: Tensor, pos: int, cache: KVCache, layer: int, attn_temp: Tensor | None = None) -> Tensor:
-        h = h + self.attn.step(self.attn_norm(h), pos, cache, layer, attn_temp)
-        return h + self.mlp(self.mlp_norm(h))
-
-    def step_static(
-        self, h: Tensor, pos: Tensor, cache: KVCache, layer: int, attn_temp: Tensor | None = None
+    def cached(
+        self, h: Tensor, start: int | Tensor, cache: KVCache, layer: int, attn_temp: Tensor | None = None
     ) -> Tensor:
-        h = h + self.attn.step_static(self.attn_norm(h), pos, cache, layer, attn_temp)
-        return h + self.mlp(self.mlp_norm(h))
-
-    def chunk(self, h: Tensor, start: int, cache: KVCache, layer: int, attn_temp: Tensor | None = None) -> Tensor:
-        h = h + self.attn.chunk(self.attn_norm(h), start, cache, layer, attn_temp)
+        """`forward` for tokens at positions [start, start + L) after the cached ones (CausalSelfAttention.cached)."""
+        h = h + self.attn.cached(self.attn_norm(h), start, cache, layer, attn_temp)
         return h + self.mlp(self.mlp_norm(h))
