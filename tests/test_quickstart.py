@@ -234,6 +234,32 @@ def test_sample_cli_writes_pngs_grid_and_npz_and_refuses_guidance_without_labels
         assert capsys.readouterr().err == f"tarflow-sample: {message}\n"  # checked before the model is read
 
 
+def test_sample_cli_flags_are_the_sampling_settings_fields_with_their_defaults():
+    """tarflow-sample's guidance and decoding flags come from Guidance and Decoding: one flag per field, the
+    dataclass defaults when absent, every field settable (the flag names users already type are kept)."""
+    import dataclasses
+
+    from tarflow_scale.cli.sample import FLAG_NAMES, parse_args, settings_from_args
+    from tarflow_scale.config import Decoding
+
+    fields = [f.name for cls in (Guidance, Decoding) for f in dataclasses.fields(cls)]
+    assert sorted(FLAG_NAMES) == sorted(fields)
+    assert [FLAG_NAMES[k] for k in ("weight", "annealed", "attn_temp", "mode", "segment_size", "cuda_graph")] == [
+        "--guidance", "--annealed", "--attn-temp", "--decoding", "--segment-size", "--cuda-graph",
+    ]  # fmt: skip
+    defaults = parse_args(["m.safetensors"])
+    assert settings_from_args(defaults, Guidance, "guidance") == Guidance()
+    assert settings_from_args(defaults, Decoding, "decoding") == Decoding()
+    args = parse_args([
+        "m.safetensors", "--guidance", "2", "--annealed", "--attn-temp", "1.5", "--decoding", "gs_jacobi",
+        "--tol", "0", "--max-iters", "3", "--segment-size", "8", "--sequential-blocks", "1", "2",
+        "--precision", "bf16", "--compile",
+    ])  # fmt: skip
+    assert settings_from_args(args, Guidance, "guidance") == Guidance(2.0, annealed=True, attn_temp=1.5)
+    expected = Decoding("gs_jacobi", 0.0, 3, 8, (1, 2), precision="bf16", compile=True)
+    assert settings_from_args(args, Decoding, "decoding") == expected
+
+
 def test_exports_are_readable_by_others(tmp_path):
     model = random_model()
     path = save_export(model.state_dict(), RunConfig(model=model.config), tmp_path / "e.safetensors", "t", "t", False)

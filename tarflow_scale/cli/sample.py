@@ -24,19 +24,18 @@ def add_setting_flags(parser: argparse.ArgumentParser, cls: type, prefix: str) -
     """One flag per field of the settings dataclass `cls` (Guidance or Decoding), with its type, default and help."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp, options = hints[f.name], {"dest": f"{prefix}.{f.name}", "help": f.metadata["help"]}
+        tp, flag, dest, text = hints[f.name], FLAG_NAMES[f.name], f"{prefix}.{f.name}", f.metadata["help"]
         if tp is bool:  # the fields default to False: the flag turns them on
-            parser.add_argument(FLAG_NAMES[f.name], action="store_true", **options)
+            parser.add_argument(flag, dest=dest, action="store_true", help=text)
             continue
         if typing.get_origin(tp) is typing.Literal:
-            options["choices"] = typing.get_args(tp)
+            options = {"choices": typing.get_args(tp)}
         elif typing.get_origin(tp) is tuple:  # tuple[int, ...]: one or more values
-            options.update(type=typing.get_args(tp)[0], nargs="+", metavar="K")
+            options = {"type": typing.get_args(tp)[0], "nargs": "+", "metavar": "K"}
         else:
-            options.update(type=tp, metavar=f.name.upper())
+            options = {"type": tp, "metavar": f.name.upper()}
         shown = " ".join(map(str, f.default)) or "none" if isinstance(f.default, tuple) else f.default
-        options["help"] += f" (default: {shown})"
-        parser.add_argument(FLAG_NAMES[f.name], default=f.default, **options)
+        parser.add_argument(flag, dest=dest, default=f.default, help=f"{text} (default: {shown})", **options)
 
 
 def settings_from_args(args: argparse.Namespace, cls: type, prefix: str) -> Any:

@@ -57,7 +57,11 @@ class Guidance:
 
     def weight_at(self, token: Any, num_tokens: int) -> Any:
         """w_t for the token t being produced (t in 1 .. T - 1; token 0 is the identity): w t / (T - 1) when
-        annealed, else w. `token` is an int (a Python float comes back) or a tensor of token indices."""
+        annealed, else w. `token` is an int (a Python float comes back) or a tensor of token indices.
+
+        >>> [Guidance(2.0, annealed=True).weight_at(t, num_tokens=5) for t in range(1, 5)]
+        [0.5, 1.0, 1.5, 2.0]
+        """
         return self.weight * token / (num_tokens - 1) if self.annealed else self.weight
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,7 +162,7 @@ class FlowBlock(nn.Module):
         y: Tensor | None = None,
         guidance: Guidance | None = None,
         cache: KVCache | None = None,
-        decoder=None,
+        decoder: Callable[..., tuple[Tensor, int]] | None = None,
     ) -> tuple[Tensor, int]:
         """Exact inverse z (B, T, D) -> x (B, T, D), and the number of Transformer passes it took.
 
