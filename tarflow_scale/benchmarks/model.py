@@ -14,6 +14,7 @@ import time
 import torch
 
 from tarflow_scale.benchmarks.common import add_device_option, load_suite_config, model_with_live_heads, sync
+from tarflow_scale.config import Guidance
 from tarflow_scale.models.tarflow import TarFlow
 
 
@@ -75,11 +76,12 @@ def bench_training(model: TarFlow, batch: int, steps: int, device: torch.device,
 def bench_sampling(model: TarFlow, batch: int, device: torch.device, guidance: float) -> float:
     c = model.config
     y = torch.randint(0, c.num_classes, (batch,), device=device) if c.num_classes else None
-    attn_temp = 1.0 if c.num_classes else 1.5  # unconditional models guide by attention temperature
-    model.sample(min(batch, 2), y=None if y is None else y[:2], guidance=guidance, attn_temp=attn_temp)
+    # Unconditional models guide by attention temperature.
+    guided = Guidance(weight=guidance, attn_temp=1.0 if c.num_classes else 1.5)
+    model.sample(min(batch, 2), y=None if y is None else y[:2], guidance=guided)
     sync(device)
     start = time.perf_counter()
-    model.sample(batch, y=y, guidance=guidance, attn_temp=attn_temp)
+    model.sample(batch, y=y, guidance=guided)
     sync(device)
     return batch / (time.perf_counter() - start)
 
