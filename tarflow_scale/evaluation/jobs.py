@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..artifacts.provenance import TrainingNoise
 from ..atomic import atomic_path
 from ..config import RunConfig
 from ..data import DataError, read_manifest
@@ -21,7 +22,6 @@ from . import fid as fidlib
 from .bpd import summarize
 from .generate import SampleSettings
 from .pool import Progress, WorkerPool
-from .resolve import TrainingNoise
 from .units import UnitStore
 
 JOB_ORDER = ("bpd", "sample", "denoise", "fid_stats", "fid")  # fid_stats before fid: fid reads what it writes
