@@ -338,3 +338,30 @@ def test_every_loader_goes_through_the_one_strict_builder_naming_the_source(tmp_
     monkeypatch.setattr(trainer, "_gathered", lambda engine, config: nullcontext())
     with pytest.raises(CheckpointError, match=rf"the engine's gathered ZeRO-3 weights {missing}"):
         trainer._plain_model(engine, config, rank=0)
+
+
+def test_push_to_hub_uploads_a_directory_that_loads_back_with_its_provenance(tmp_path, monkeypatch):
+    """`push_to_hub` (the mixin's, stubbed upload: no network in tests) writes our config.json and card, not the
+    mixin's default dataclass dump, so the uploaded folder loads back verified and keeps the training noise."""
+    import shutil
+
+    import huggingface_hub.hub_mixin
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            shutil.copytree(folder_path, tmp_path / "uploaded")
+            return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setattr(huggingface_hub.hub_mixin, "HfApi", FakeApi)
+    model = load_model(export(random_model(seed=5, num_classes=3), tmp_path / "m.safetensors"))
+    model.push_to_hub("org/tiny-tarflow")
+    uploaded = load_model(tmp_path / "uploaded")
+    assert same_weights(uploaded, model) and uploaded.provenance == model.provenance
+    assert read_provenance(tmp_path / "uploaded").noise.noise_std == 0.07
+    assert "/data/tiny64" in (tmp_path / "uploaded" / "README.md").read_text()

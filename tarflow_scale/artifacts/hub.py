@@ -18,6 +18,9 @@ from . import model_card
 from .model_dir import CONFIG_JSON, MODEL_CARD, WEIGHTS_FILE, is_model_dir
 from .weights import EXPORT_FORMAT, FILE_KEYS, CheckpointError, write_weights
 
+# What the mixin's from_pretrained passes on to the download (revision, cache, credentials).
+_DOWNLOAD_ARGS = ("revision", "cache_dir", "force_download", "local_files_only", "token")
+
 
 class PretrainedTarFlow(
     TarFlow,
@@ -61,31 +64,15 @@ class PretrainedTarFlow(
         return super().from_pretrained(name, **kwargs)  # the mixin fetches config.json, then calls _from_pretrained
 
     @classmethod
-    def _from_pretrained(
-        cls,
-        *,
-        model_id: str,
-        revision: str | None,
-        cache_dir: str | Path | None,
-        force_download: bool,
-        local_files_only: bool,
-        token: str | bool | None,
-        map_location: str = "cpu",
-        **unused: Any,  # the mixin passes config.json's content as `config`: the directory is re-read, verified
-    ) -> PretrainedTarFlow:
+    def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", **given: Any) -> PretrainedTarFlow:
+        """The mixin's hook for a Hub id: download the model directory, then load it like a local one (verified).
+        The mixin also passes config.json's content; the directory is re-read instead."""
         from huggingface_hub import snapshot_download
 
         from .load import load_model
 
-        folder = snapshot_download(
-            repo_id=model_id,
-            revision=revision,
-            cache_dir=cache_dir,
-            force_download=force_download,
-            token=token,
-            local_files_only=local_files_only,
-            allow_patterns=[CONFIG_JSON, WEIGHTS_FILE, MODEL_CARD],
-        )
+        download = {k: given[k] for k in _DOWNLOAD_ARGS if k in given}
+        folder = snapshot_download(repo_id=model_id, allow_patterns=[CONFIG_JSON, WEIGHTS_FILE, MODEL_CARD], **download)
         return load_model(folder, map_location)
 
     def _save_pretrained(self, save_directory: Path) -> None:
