@@ -164,11 +164,11 @@ def sample_images(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     if isinstance(model, (str, Path)):
-        from .checkpoint import load_model, read_training_config
+        from .artifacts import load_model, read_provenance
 
-        run_config = read_training_config(model)
-        if noise_std is None and run_config is not None and run_config.data.noise == "gaussian":
-            noise_std = run_config.data.noise_std
+        trained_with = read_provenance(model).noise
+        if noise_std is None and trained_with.noise == "gaussian":
+            noise_std = trained_with.noise_std
         model = load_model(model, device or "cpu")
     elif device is not None:
         model = model.to(device)

@@ -1,6 +1,7 @@
-"""Model artifacts: weights checksums (corruption is an error naming the file), self-describing model directories
-(save_pretrained / from_pretrained / `tarflow-export --format dir` with a model card), `model.final_norm`, and the
-`train.init_from` model check."""
+"""Model artifacts: weights checksums (corruption or a missing checksum is an error naming the file),
+self-describing model directories (save_pretrained / from_pretrained / `tarflow-export --format dir` with a model
+card), one provenance reader for every artifact kind, one strict builder behind every loader, `model.final_norm`,
+and the `train.init_from` model check."""
 
 from __future__ import annotations
 
@@ -13,16 +14,11 @@ import torch
 
 import tarflow_scale.cli.export as export_cli
 import tarflow_scale.cli.train as train_cli
-from tarflow_scale.checkpoint import (
-    CheckpointError,
-    check_initial_weights,
-    load_initial_weights,
-    load_model,
-    save_export,
-)
+from tarflow_scale.artifacts import CheckpointError, PretrainedTarFlow, load_model, read_provenance, save_export
+from tarflow_scale.artifacts.load import check_initial_weights, load_initial_weights
+from tarflow_scale.artifacts.weights import CHECKSUM_KEY, read_weights
 from tarflow_scale.config import DataConfig, RunConfig, TarFlowConfig, TrainConfig
 from tarflow_scale.models.tarflow import TarFlow
-from tarflow_scale.weights import CHECKSUM_KEY, read_weights
 
 
 def tiny_config(**overrides) -> TarFlowConfig:
@@ -30,21 +26,25 @@ def tiny_config(**overrides) -> TarFlowConfig:
     return TarFlowConfig(**{**fields, **overrides})
 
 
-def random_model(seed: int = 0, **overrides) -> TarFlow:
+def random_model(seed: int = 0, **overrides) -> PretrainedTarFlow:
     torch.manual_seed(seed)
-    model = TarFlow(tiny_config(**overrides))
+    model = PretrainedTarFlow(tiny_config(**overrides))
     with torch.no_grad():
         for block in model.blocks:
             block.proj_out.weight.normal_(0, 0.05)
     return model.eval()
 
 
-def export(model: TarFlow, path: Path, **data) -> Path:
-    run = RunConfig(
+def training_run(model: TarFlow, noise: str = "gaussian", **data) -> RunConfig:
+    return RunConfig(
         model=model.config,
-        data=DataConfig(path="/data/tiny64", noise="gaussian", noise_std=0.07, **data),
+        data=DataConfig(path="/data/tiny64", noise=noise, noise_std=0.07, **data),
         train=TrainConfig(num_steps=1234),
     )
+
+
+def export(model: TarFlow, path: Path, **data) -> Path:
+    run = training_run(model, **data)
     return save_export(model.state_dict(), run, path, source="test-run", tag="step_00001234", ema=False)
 
 
@@ -79,7 +79,7 @@ def test_a_flipped_byte_in_the_weights_is_an_error_naming_the_file(tmp_path, whe
     path = export(model, tmp_path / "m.safetensors")
     size = sum(v.numel() * 4 for v in model.state_dict().values())
     flip_data_byte(path, {"start": 3, "middle": size // 2 + 1, "end": size - 1}[where])
-    for load in (load_model, TarFlow.from_pretrained):
+    for load in (load_model, PretrainedTarFlow.from_pretrained):
         with pytest.raises(CheckpointError, match=rf"{path}.* is corrupt"):
             load(path)
 
@@ -88,20 +88,24 @@ def test_corrupt_model_directory_is_an_error_naming_its_weights_file(tmp_path):
     random_model().save_pretrained(tmp_path / "dir")
     flip_data_byte(tmp_path / "dir" / "model.safetensors", 100)
     with pytest.raises(CheckpointError, match=r"dir/model\.safetensors is corrupt"):
-        TarFlow.from_pretrained(tmp_path / "dir")
+        PretrainedTarFlow.from_pretrained(tmp_path / "dir")
 
 
-def test_exports_from_before_checksums_still_load_with_a_note(tmp_path):
+def test_a_weight_file_without_a_checksum_is_refused_naming_the_file(tmp_path):
     from safetensors.torch import save_file
 
     model = random_model()
     path = export(model, tmp_path / "new.safetensors")
     state, metadata = read_weights(path)
-    old = {k: v for k, v in metadata.items() if k not in (CHECKSUM_KEY, "integrity")}
-    save_file(state, str(tmp_path / "old.safetensors"), metadata=old)  # the format as written before checksums
-    _, old_metadata = read_weights(tmp_path / "old.safetensors")
-    assert old_metadata["integrity"].startswith("not verified")
-    assert same_weights(load_model(tmp_path / "old.safetensors"), model)
+    unchecked = {k: v for k, v in metadata.items() if k not in (CHECKSUM_KEY, "integrity")}
+    save_file(state, str(tmp_path / "old.safetensors"), metadata=unchecked)  # a valid file, but unverifiable
+    for load in (read_weights, load_model, PretrainedTarFlow.from_pretrained):
+        with pytest.raises(CheckpointError, match=rf"{tmp_path / 'old.safetensors'} records no weights checksum"):
+            load(tmp_path / "old.safetensors")
+    model.save_pretrained(tmp_path / "dir")
+    save_file(state, str(tmp_path / "dir" / "model.safetensors"), metadata=unchecked)
+    with pytest.raises(CheckpointError, match=r"dir/model\.safetensors records no weights checksum"):
+        load_model(tmp_path / "dir")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -127,23 +131,24 @@ def test_save_pretrained_round_trip_and_model_card(tmp_path):
         "library_name: tarflow_scale",
     ):
         assert expected in card, expected
-    for loaded in (TarFlow.from_pretrained(tmp_path / "dir"), load_model(tmp_path / "dir")):
+    for loaded in (PretrainedTarFlow.from_pretrained(tmp_path / "dir"), load_model(tmp_path / "dir")):
         assert same_weights(loaded, model) and loaded.config == model.config
         assert json.loads(loaded.provenance["run_config"])["data"]["noise_std"] == 0.07
         assert not loaded.training  # ready to sample
-    assert TarFlow(tiny_config()).provenance == {}  # construction is unchanged by the mixin
+    assert PretrainedTarFlow(tiny_config()).provenance == {}  # construction is unchanged by the mixin
+    assert not hasattr(TarFlow(tiny_config()), "provenance")  # the model file holds the architecture only
 
 
 def test_from_pretrained_local_errors_never_reach_the_network(tmp_path):
     for missing in (tmp_path / "nope", "./nope", "runs/a/b", "model.safetensors"):
         with pytest.raises(CheckpointError, match="does not exist"):
-            TarFlow.from_pretrained(missing)
+            PretrainedTarFlow.from_pretrained(missing)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="not a model directory.*config.json"):
-        TarFlow.from_pretrained(tmp_path / "empty")
+        PretrainedTarFlow.from_pretrained(tmp_path / "empty")
     torch.save({}, tmp_path / "afhq_model_8_768_8_8_0.07.pth")
     with pytest.raises(CheckpointError, match="tarflow-import ml-tarflow"):
-        TarFlow.from_pretrained(tmp_path / "afhq_model_8_768_8_8_0.07.pth")
+        PretrainedTarFlow.from_pretrained(tmp_path / "afhq_model_8_768_8_8_0.07.pth")
 
 
 def test_export_cli_writes_a_directory_with_the_evaluation_beside_it(tmp_path, capsys):
@@ -155,14 +160,14 @@ def test_export_cli_writes_a_directory_with_the_evaluation_beside_it(tmp_path, c
     out = tmp_path / "published"
     assert export_cli.main([str(path), str(out), "--format", "dir"]) == 0
     assert "12.345" in (out / "README.md").read_text()
-    assert same_weights(TarFlow.from_pretrained(out), model)
+    assert same_weights(PretrainedTarFlow.from_pretrained(out), model)
     assert export_cli.main([str(path), str(out), "--format", "dir"]) == 0  # replaces a previous export
     assert not list(tmp_path.glob("published.*"))  # no temp folders left behind
 
-    from tarflow_scale.evaluation.resolve import inspect_checkpoint, resolve_config, training_noise
+    from tarflow_scale.evaluation.resolve import resolve_config
 
-    info = inspect_checkpoint(out)  # tarflow-eval reads a model directory like an export
-    assert info.kind == "model_dir" and training_noise(info).noise_std == 0.07
+    info = read_provenance(out)  # tarflow-eval reads a model directory like an export
+    assert info.kind == "model_dir" and info.noise.noise_std == 0.07
     assert resolve_config(info).data.path == "/data/tiny64"
 
 
@@ -225,6 +230,138 @@ def test_hub_ids_go_through_the_mixin_to_the_same_verified_loader(tmp_path, monk
 
     monkeypatch.setattr(huggingface_hub.hub_mixin, "hf_hub_download", fake_file)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
-    assert same_weights(TarFlow.from_pretrained("org/tiny-tarflow"), model)
+    assert same_weights(PretrainedTarFlow.from_pretrained("org/tiny-tarflow"), model)
     assert fetched == [("org/tiny-tarflow", "config.json"),
                        ("org/tiny-tarflow", ("config.json", "model.safetensors", "README.md"))]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One provenance reader, one builder
+
+
+def fake_checkpoint(run_dir: Path, run: RunConfig, step: int = 7) -> Path:
+    """A sealed training checkpoint folder as the trainer leaves it (engine state aside): config.yaml, latest."""
+    from tarflow_scale.artifacts.checkpoints import write_complete_marker
+    from tarflow_scale.config import dump_config
+
+    folder = run_dir / f"checkpoint_{step:08d}"
+    folder.mkdir(parents=True)
+    dump_config(run, folder / "config.yaml")
+    (folder / "latest").write_text(f"step_{step:08d}")
+    write_complete_marker(folder, step, world_size=2)
+    return folder
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "uniform"])
+def test_read_provenance_gives_the_same_run_config_and_noise_for_every_artifact_kind(tmp_path, noise):
+    model = random_model(num_classes=3)
+    run = training_run(model, noise=noise)
+    path = save_export(model.state_dict(), run, tmp_path / "m.safetensors", source="test-run", tag="t", ema=False)
+    load_model(path).save_pretrained(tmp_path / "dir")
+    folder = fake_checkpoint(tmp_path / "run", run)
+    described = {
+        "export": read_provenance(path),
+        "model_dir": read_provenance(tmp_path / "dir"),
+        "training_checkpoint": read_provenance(folder),
+        "run directory": read_provenance(tmp_path / "run"),
+    }
+    expected_std = 0.07 if noise == "gaussian" else 0.0
+    for kind, p in described.items():
+        assert p.kind == ("training_checkpoint" if kind == "run directory" else kind), kind
+        assert p.run_config == run and p.model_config == model.config, kind
+        assert (p.noise.noise, p.noise.noise_std) == (noise, expected_std), kind
+        assert str(p.resolved) in p.noise.source, kind
+    assert described["run directory"].resolved == folder and described["run directory"].tag == "step_00000007"
+    assert described["export"].source == described["model_dir"].source == "test-run"
+    # config.json of a model directory records the same noise (the model card's one lookup)
+    recorded = json.loads((tmp_path / "dir" / "config.json").read_text())["training_noise"]
+    assert recorded == {"noise": noise, "noise_std": expected_std}
+
+
+def test_provenance_without_a_run_config_is_unknown_noise_and_a_bad_one_is_an_error_naming_the_file(tmp_path):
+    from tarflow_scale.artifacts.weights import write_weights
+
+    random_model().save_pretrained(tmp_path / "bare")  # constructed, never trained: no run config to record
+    bare = read_provenance(tmp_path / "bare")
+    assert bare.run_config is None and (bare.noise.noise, bare.noise.noise_std) == ("unknown", 0.0)
+    path = export(random_model(), tmp_path / "m.safetensors")
+    state, metadata = read_weights(path)
+    stale = {k: v for k, v in metadata.items() if k != "integrity"}
+    stale["run_config"] = json.dumps({"data": {"noise_stdev": 0.1}})  # a key this schema does not know
+    write_weights(tmp_path / "stale.safetensors", state, stale)
+    for read in (read_provenance, load_model):
+        with pytest.raises(CheckpointError, match=r"stale\.safetensors: .*run config.*data\.noise_stdev"):
+            read(tmp_path / "stale.safetensors")
+
+
+def mismatched_state() -> dict[str, torch.Tensor]:
+    """Weights of the tiny model with one tensor missing: every strict builder must refuse them."""
+    state = random_model().state_dict()
+    del state["blocks.1.proj_out.bias"]
+    return state
+
+
+def test_every_loader_goes_through_the_one_strict_builder_naming_the_source(tmp_path, monkeypatch):
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from tarflow_scale.artifacts.load import build_model
+    from tarflow_scale.artifacts.weights import write_weights
+    from tarflow_scale.config import to_dict
+    from tarflow_scale.evaluation.worker import EvalWorker
+    from tarflow_scale.sampling import sample_images
+    from tarflow_scale.training import trainer
+
+    missing = r"does not match its model config(?s:.*)blocks\.1\.proj_out\.bias"
+    with pytest.raises(CheckpointError, match=rf"the source {missing}"):
+        build_model(tiny_config(), mismatched_state(), "the source")
+    # An export file whose weights do not fit its embedded config: load_model, from_pretrained and sampling.
+    good = export(random_model(), tmp_path / "good.safetensors")
+    _, metadata = read_weights(good)
+    metadata = {k: v for k, v in metadata.items() if k != "integrity"}
+    bad = write_weights(tmp_path / "bad.safetensors", mismatched_state(), metadata)
+    for load in (load_model, PretrainedTarFlow.from_pretrained, lambda p: sample_images(p, 1)):
+        with pytest.raises(CheckpointError, match=rf"{bad} {missing}"):
+            load(bad)
+    # The evaluation worker builds from the payload the pool sends (config + state + the checkpoint's name).
+    payload = {"model_config": to_dict(tiny_config()), "state": mismatched_state(), "source": str(bad)}
+    threads = torch.get_num_threads()  # the worker sets its process's thread count
+    try:
+        with pytest.raises(CheckpointError, match=rf"{bad} {missing}"):
+            EvalWorker(payload, to_dict(training_run(random_model())), use_gpu=False, threads=threads)
+    finally:
+        torch.set_num_threads(threads)
+    # The trainer's rank-0 copy of ZeRO-3 weights (gathering stubbed: no engine needed to reach the builder).
+    config = training_run(random_model())
+    config.deepspeed.zero_stage = 3
+    engine = SimpleNamespace(module=SimpleNamespace(state_dict=mismatched_state))
+    monkeypatch.setattr(trainer, "_gathered", lambda engine, config: nullcontext())
+    with pytest.raises(CheckpointError, match=rf"the engine's gathered ZeRO-3 weights {missing}"):
+        trainer._plain_model(engine, config, rank=0)
+
+
+def test_push_to_hub_uploads_a_directory_that_loads_back_with_its_provenance(tmp_path, monkeypatch):
+    """`push_to_hub` (the mixin's, stubbed upload: no network in tests) writes our config.json and card, not the
+    mixin's default dataclass dump, so the uploaded folder loads back verified and keeps the training noise."""
+    import shutil
+
+    import huggingface_hub.hub_mixin
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            shutil.copytree(folder_path, tmp_path / "uploaded")
+            return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setattr(huggingface_hub.hub_mixin, "HfApi", FakeApi)
+    model = load_model(export(random_model(seed=5, num_classes=3), tmp_path / "m.safetensors"))
+    model.push_to_hub("org/tiny-tarflow")
+    uploaded = load_model(tmp_path / "uploaded")
+    assert same_weights(uploaded, model) and uploaded.provenance == model.provenance
+    assert read_provenance(tmp_path / "uploaded").noise.noise_std == 0.07
+    assert "/data/tiny64" in (tmp_path / "uploaded" / "README.md").read_text()

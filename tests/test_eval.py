@@ -15,14 +15,16 @@ import torch
 from PIL import Image
 
 import tarflow_scale.cli.eval as eval_cli
-from tarflow_scale.checkpoint import file_sha256, save_export, write_complete_marker
+from tarflow_scale.artifacts import read_provenance, save_export
+from tarflow_scale.artifacts.checkpoints import write_complete_marker
+from tarflow_scale.artifacts.weights import file_sha256
 from tarflow_scale.config import ConfigError, DataConfig, Guidance, RunConfig, TarFlowConfig, dump_config
 from tarflow_scale.data import make_eval_loader, read_manifest, write_split
 from tarflow_scale.data.sources import ArraySource
 from tarflow_scale.evaluation import fid as fidlib
 from tarflow_scale.evaluation.bpd import batch_bits_per_dim, summarize
 from tarflow_scale.evaluation.generate import NonFiniteSamplesError, generate, redraw_seed
-from tarflow_scale.evaluation.resolve import default_out_dir, inspect_checkpoint, resolve_config
+from tarflow_scale.evaluation.resolve import default_out_dir, resolve_config
 from tarflow_scale.models.tarflow import TarFlow
 from tarflow_scale.sampling import per_sample_noise, score, tweedie_denoise
 
@@ -396,7 +398,7 @@ def test_real_inception_features():
 
 def test_config_model_section_must_match_the_checkpoint(tmp_path, dataset):
     path = export(random_model(num_classes=CLASSES), tmp_path / "m.safetensors", data_path=dataset)
-    info = inspect_checkpoint(path)
+    info = read_provenance(path)
     config = resolve_config(info, None, ["eval.jobs=[sample]", "cluster.num_workers=3"])
     assert config.model == info.model_config and config.data.path == dataset  # from the checkpoint's run config
     assert config.cluster.num_workers == 3  # no training batch-divisibility check for evaluation
@@ -417,10 +419,10 @@ def test_config_model_section_must_match_the_checkpoint(tmp_path, dataset):
     (folder / "latest").write_text("global_step30")
     write_complete_marker(folder, step=3, world_size=2)  # as the trainer seals every checkpoint it finishes
     for given in (folder, folder.parent):
-        info = inspect_checkpoint(given)
+        info = read_provenance(given)
         assert (info.kind, info.resolved, info.metadata["tag"]) == ("training_checkpoint", folder, "global_step30")
         assert resolve_config(info, None, []).model == tiny_config(num_classes=CLASSES)
-    assert default_out_dir(inspect_checkpoint(folder)) == folder.parent.resolve() / "eval"
+    assert default_out_dir(read_provenance(folder)) == folder.parent.resolve() / "eval"
 
 
 def test_cli_errors_and_dry_run(tmp_path, dataset, capsys):

@@ -20,12 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tarflow_scale.checkpoint import CheckpointError
+from tarflow_scale.artifacts import CheckpointError, PretrainedTarFlow, read_provenance
 from tarflow_scale.cli import import_checkpoint as import_cli
 from tarflow_scale.config import Guidance
 from tarflow_scale.interop.ml_tarflow import import_checkpoint, parse_filename, reference_log_det
 from tarflow_scale.models.likelihood import LOG_BIN_WIDTH_8BIT
-from tarflow_scale.models.tarflow import TarFlow
 
 HEAD = 64  # the reference's attention head size
 IMAGE, PATCH, CHANNELS, BLOCKS, LAYERS = 8, 2, 128, 3, 2  # 3 blocks: the odd count ends on a plain block
@@ -193,7 +192,7 @@ def imported(request, tmp_path_factory):
     src = folder / name
     torch.save(ref.state_dict(), src)
     out = import_checkpoint(src, folder / "imported.safetensors")
-    return ref, TarFlow.from_pretrained(out), out, classes
+    return ref, PretrainedTarFlow.from_pretrained(out), out, classes
 
 
 def test_forward_z_and_log_det_match_the_reference(imported):
@@ -249,11 +248,11 @@ def test_samples_from_the_same_noise_match_the_reference(imported, guidance, att
 
 
 def test_import_records_what_evaluation_needs(imported):
-    from tarflow_scale.evaluation.resolve import inspect_checkpoint, resolve_config, training_noise
+    from tarflow_scale.evaluation.resolve import resolve_config
 
     ref, model, out, classes = imported
-    info = inspect_checkpoint(out)
-    noise = training_noise(info)
+    info = read_provenance(out)
+    noise = info.noise
     name = Path(info.metadata["source"]).name
     facts = parse_filename(name)
     assert (noise.noise, noise.noise_std) == (facts.noise, facts.noise_std if facts.noise == "gaussian" else 0.0)
@@ -272,15 +271,15 @@ def test_imported_model_runs_through_the_evaluation_code(imported, tmp_path):
     from tarflow_scale.evaluation.bpd import batch_bits_per_dim
     from tarflow_scale.evaluation.generate import generate
     from tarflow_scale.evaluation.orchestrate import evaluate
-    from tarflow_scale.evaluation.resolve import inspect_checkpoint, resolve_config, training_noise
+    from tarflow_scale.evaluation.resolve import resolve_config
 
     _, model, out, classes = imported
-    info = inspect_checkpoint(out)
+    info = read_provenance(out)
     images, labels, redrawn = generate(model, [0, 1, 2, 3], Guidance(1.0), seed=3)
     assert images.shape == (4, 3, IMAGE, IMAGE) and torch.isfinite(images).all() and redrawn == 0
     assert (labels is None) == (classes == 0)
     pixels = torch.randint(0, 256, (2, 3, IMAGE, IMAGE), dtype=torch.uint8)
-    noise = training_noise(info)
+    noise = info.noise
     kind = "gaussian" if noise.noise == "gaussian" else "uniform"
     bpd = batch_bits_per_dim(model, pixels, labels[:2] if classes else None, ["a", "b"], kind=kind,
                              noise_std=noise.noise_std)  # fmt: skip
@@ -300,6 +299,21 @@ def test_unknown_key_is_refused_naming_it(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_converted_weights_go_through_the_strict_builder_naming_the_source(tmp_path, monkeypatch):
+    import tarflow_scale.interop.ml_tarflow as ml_tarflow
+
+    src = tmp_path / "afhq_model_2_128_3_2_0.07.pth"
+    torch.save(reference_model(True, 0, seed=0).state_dict(), src)
+    convert = ml_tarflow.convert_state
+    monkeypatch.setattr(  # a conversion that loses a tensor must never reach the export
+        ml_tarflow, "convert_state", lambda state, config: {k: v for k, v in convert(state, config).items()
+                                                           if k != "blocks.1.proj_in.bias"}
+    )  # fmt: skip
+    with pytest.raises(CheckpointError, match=rf"{src} does not match its model config(?s:.*)blocks\.1\.proj_in\.bias"):
+        import_checkpoint(src, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_missing_key_and_name_mismatch_and_unknown_noise_are_errors(tmp_path):
     state = reference_model(True, 0, seed=0).state_dict()
     partial = {k: v for k, v in state.items() if k != "blocks.2.proj_out.bias"}
@@ -314,9 +328,7 @@ def test_missing_key_and_name_mismatch_and_unknown_noise_are_errors(tmp_path):
         import_checkpoint(tmp_path / "renamed.pth", tmp_path / "o.safetensors")
     # the override supplies what the name no longer tells
     out = import_checkpoint(tmp_path / "renamed.pth", tmp_path / "o.safetensors", ["data.noise_std=0.1"])
-    from tarflow_scale.evaluation.resolve import inspect_checkpoint, training_noise
-
-    assert training_noise(inspect_checkpoint(out)).noise_std == 0.1
+    assert read_provenance(out).noise.noise_std == 0.1
 
 
 def test_cli_writes_a_model_directory(tmp_path, capsys):
@@ -330,7 +342,7 @@ def test_cli_writes_a_model_directory(tmp_path, capsys):
     assert described["model"]["final_norm"] is False
     card = (tmp_path / "afhq_dir" / "README.md").read_text()
     assert "/data/afhq" in card and "sigma 0.07" in card
-    model = TarFlow.from_pretrained(tmp_path / "afhq_dir")
+    model = PretrainedTarFlow.from_pretrained(tmp_path / "afhq_dir")
     x = torch.rand(2, 3, IMAGE, IMAGE) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tarflow_scale.checkpoint import save_export
+from tarflow_scale.artifacts import save_export
 from tarflow_scale.cli.eval import main as eval_main
 from tarflow_scale.cli.train import main as train_main
 from tarflow_scale.config import RunConfig, TarFlowConfig

@@ -16,19 +16,24 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = REPO_ROOT / "tarflow_scale"
 # For each layer: what it must never import (the package's upper layers, and for the maths, the cluster stack).
 FORBIDDEN = {
+    # Architecture only: loading, saving and the Hub live in artifacts/.
     "models": {"tarflow_scale.training", "tarflow_scale.evaluation", "tarflow_scale.cli", "tarflow_scale.benchmarks",
-               "tarflow_scale.data", "tarflow_scale.checkpoint", "tarflow_scale.sampling", "tarflow_scale.interop",
-               "ray", "deepspeed"},
+               "tarflow_scale.data", "tarflow_scale.artifacts", "tarflow_scale.sampling", "tarflow_scale.interop",
+               "ray", "deepspeed", "huggingface_hub"},
     "data": {"tarflow_scale.training", "tarflow_scale.evaluation", "tarflow_scale.cli", "tarflow_scale.benchmarks",
-             "tarflow_scale.checkpoint", "tarflow_scale.sampling", "tarflow_scale.interop", "ray", "deepspeed"},
-    # Beside checkpoint.py: converters of other implementations' checkpoints use models, config and checkpoint.
+             "tarflow_scale.artifacts", "tarflow_scale.sampling", "tarflow_scale.interop", "ray", "deepspeed"},
+    # Weights on disk and back: models, config and atomic (DeepSpeed only inside the consolidation, see below).
+    "artifacts": {"tarflow_scale.training", "tarflow_scale.evaluation", "tarflow_scale.cli",
+                  "tarflow_scale.benchmarks", "tarflow_scale.data", "tarflow_scale.sampling", "tarflow_scale.interop",
+                  "ray"},
+    # Above artifacts/: converters of other implementations' checkpoints use models, config and artifacts.
     "interop": {"tarflow_scale.training", "tarflow_scale.evaluation", "tarflow_scale.cli", "tarflow_scale.benchmarks",
                 "tarflow_scale.data", "ray", "deepspeed"},
     "training": {"tarflow_scale.evaluation", "tarflow_scale.cli", "tarflow_scale.benchmarks"},
     "evaluation": {"tarflow_scale.training", "tarflow_scale.cli", "tarflow_scale.benchmarks"},
     "benchmarks": {"tarflow_scale.cli"},
 }  # fmt: skip
-# config, checkpoint, sampling and seeding serve every layer (checkpoint may use DeepSpeed's consolidation).
+# atomic, sampling and seeding serve every layer (sampling loads models through artifacts/).
 ROOT_MODULES_FORBIDDEN = {"tarflow_scale.training", "tarflow_scale.evaluation", "tarflow_scale.cli",
                           "tarflow_scale.benchmarks", "tarflow_scale.interop", "ray"}  # fmt: skip
 
@@ -77,6 +82,28 @@ def test_imports_only_go_down(layer):
     assert files, f"layer {layer} has no modules"
     bad = {module_name(f): violations(f, FORBIDDEN[layer]) for f in files}
     assert not {k: v for k, v in bad.items() if v}
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """The modules a file imports when it is imported (top level, not inside functions)."""
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_artifacts_import_deepspeed_only_to_consolidate():
+    """Loading an export needs neither Ray nor DeepSpeed: DeepSpeed is imported inside the consolidation only."""
+    files = sorted((PACKAGE / "artifacts").glob("*.py"))
+    assert files
+    for f in files:
+        assert not {m for m in module_level_imports(f) if m.split(".")[0] == "deepspeed"}, f
+    users = [f.name for f in files if any(m.startswith("deepspeed") for m in imported_modules(f))]
+    assert users == ["checkpoints.py"]
 
 
 def test_root_modules_and_nothing_imports_cli():
@@ -134,6 +161,7 @@ def test_gpu_benchmarks_and_the_sampler_run_without_ray_or_deepspeed():
     modules = [
         "tarflow_scale.cli.bench", "tarflow_scale.benchmarks.gpu", "tarflow_scale.benchmarks.sample",
         "tarflow_scale.benchmarks.eval", "tarflow_scale.sampling", "tarflow_scale.evaluation.generate",
+        "tarflow_scale.artifacts", "tarflow_scale.evaluation.worker",
     ]  # fmt: skip
     script = (
         "import importlib, sys\n"

@@ -84,10 +84,10 @@ def run_losing_a_node(cluster, work, ready, timeout_s: float = 600):
 def test_evaluation_survives_a_lost_node_with_the_exact_fid(cluster, dataset, tmp_path):
     import torch
 
-    from tarflow_scale.checkpoint import save_export
+    from tarflow_scale.artifacts import read_provenance, save_export
     from tarflow_scale.config import DataConfig, RunConfig, TarFlowConfig
     from tarflow_scale.evaluation.orchestrate import evaluate
-    from tarflow_scale.evaluation.resolve import inspect_checkpoint, resolve_config
+    from tarflow_scale.evaluation.resolve import resolve_config
     from tarflow_scale.models.tarflow import TarFlow
 
     torch.manual_seed(0)
@@ -97,7 +97,7 @@ def test_evaluation_survives_a_lost_node_with_the_exact_fid(cluster, dataset, tm
     model = TarFlow(model_config)
     run = RunConfig(model=model_config, data=DataConfig(path=str(dataset)))
     export = save_export(model.state_dict(), run, tmp_path / "m.safetensors", source="test", tag="t", ema=False)
-    info = inspect_checkpoint(export)
+    info = read_provenance(export)
     overrides = [
         "eval.jobs=[fid_stats,fid]", "cluster.num_workers=2", "eval.batch_size=2", "eval.fid_num_samples=256",
         "eval.kid_max_features=16", "eval.fid_feature_extractor=pooled_pixels", "eval.progress_every_s=60",

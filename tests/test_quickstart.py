@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tarflow_scale.checkpoint import save_export
+from tarflow_scale.artifacts import save_export
 from tarflow_scale.config import DataConfig, Guidance, RunConfig, TarFlowConfig, load_config
 from tarflow_scale.data import write_split
 from tarflow_scale.data.sources import ArraySource
@@ -273,7 +273,7 @@ def test_exports_are_readable_by_others(tmp_path):
 
 
 def fake_finished_run(run_dir: Path, step: int, export: bool = True) -> None:
-    from tarflow_scale.checkpoint import write_complete_marker
+    from tarflow_scale.artifacts.checkpoints import write_complete_marker
 
     checkpoint = run_dir / f"checkpoint_{step:08d}"
     checkpoint.mkdir(parents=True)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from tarflow_scale import atomic
-from tarflow_scale.checkpoint import (
+from tarflow_scale.artifacts import CheckpointError
+from tarflow_scale.artifacts.checkpoints import (
     COMPLETE_FILE,
-    CheckpointError,
     IncompleteCheckpointWarning,
     complete_checkpoints,
     latest_checkpoint,

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tarflow_scale.checkpoint import CheckpointError, export_checkpoint, latest_checkpoint, load_model
+from tarflow_scale.artifacts import CheckpointError, PretrainedTarFlow, export_checkpoint, load_model
+from tarflow_scale.artifacts.checkpoints import latest_checkpoint
 from tarflow_scale.config import load_config
 from tarflow_scale.data import write_split
 from tarflow_scale.data.sources import ArraySource
@@ -241,7 +242,7 @@ def test_activation_checkpointing_and_ema(ray_cluster, dataset, tmp_path):
 
 def test_init_from_starts_from_those_weights_with_a_fresh_schedule(ray_cluster, dataset, tmp_path):
     """train.init_from: the run's first weights are the file's (non-zero heads, unlike a fresh init); step 1 on."""
-    from tarflow_scale.checkpoint import save_export
+    from tarflow_scale.artifacts import save_export
     from tarflow_scale.models.tarflow import TarFlow
     from tarflow_scale.training.cluster import launch
 
@@ -264,7 +265,7 @@ def test_init_from_starts_from_those_weights_with_a_fresh_schedule(ray_cluster, 
     assert export_cli.main([str(tmp_path / "ft"), str(tmp_path / "published"), "--format", "dir"]) == 0
     card = (tmp_path / "published" / "README.md").read_text()
     assert str(dataset) in card and "| steps | 2 " in card
-    published = TarFlow.from_pretrained(tmp_path / "published").state_dict()
+    published = PretrainedTarFlow.from_pretrained(tmp_path / "published").state_dict()
     assert all(torch.equal(published[k], final[k]) for k in final)
 
 
@@ -345,7 +346,7 @@ def test_damaged_snapshot_and_partial_checkpoint_resume_from_newest_complete(zer
     safe change that is allowed and recorded, while changing optim.lr is refused before any worker starts."""
     import shutil
 
-    from tarflow_scale.checkpoint import IncompleteCheckpointWarning
+    from tarflow_scale.artifacts.checkpoints import IncompleteCheckpointWarning
     from tarflow_scale.config import ConfigError
     from tarflow_scale.training.cluster import launch
     from tarflow_scale.training.run_state import RAY_SNAPSHOT

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tarflow_scale.checkpoint import COMPLETE_FILE, latest_checkpoint
+from tarflow_scale.artifacts.checkpoints import COMPLETE_FILE, latest_checkpoint
 from tarflow_scale.config import load_config
 from tarflow_scale.data import write_split
 from tarflow_scale.data.sources import ArraySource

@@ -68,8 +68,9 @@ def time_sampling(model, z, y, guidance, decoding, repeats, device) -> tuple[flo
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tarflow-bench sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="a trained model to measure (export .safetensors or model "
-                   "directory); its own config is used and --config / --train-steps are ignored")  # fmt: skip
+    p.add_argument("--model", default=None, help="a trained model to measure (export .safetensors, model "
+                   "directory, checkpoint or run directory); its own config is used and --config / --train-steps "
+                   "are ignored")  # fmt: skip
     p.add_argument("--config", default=None, help="recipe or YAML (default: the built-in tiny quickstart model)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.channels=256")
     p.add_argument("--batches", default="1,64", help="comma-separated batch sizes")
@@ -98,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --model carries its own model config: drop --config and the overrides", file=sys.stderr)
         return 2
     if args.model:
-        from tarflow_scale.weights import CheckpointError
+        from tarflow_scale.artifacts import CheckpointError, load_model
 
         try:
-            model = TarFlow.from_pretrained(args.model)
+            model = load_model(args.model)
         except (CheckpointError, OSError) as e:
             print(f"error: --model: {e}", file=sys.stderr)
             return 2

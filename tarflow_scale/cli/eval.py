@@ -29,15 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.jobs=[bpd] cluster.num_workers=4")
     args = parser.parse_intermixed_args(argv)
 
-    from tarflow_scale.checkpoint import CheckpointError
+    from tarflow_scale.artifacts import CheckpointError, read_provenance
     from tarflow_scale.config import ConfigError, to_dict
     from tarflow_scale.data import DataError
     from tarflow_scale.evaluation.fid import FidError
     from tarflow_scale.evaluation.generate import NonFiniteSamplesError
-    from tarflow_scale.evaluation.resolve import default_out_dir, inspect_checkpoint, resolve_config
+    from tarflow_scale.evaluation.resolve import default_out_dir, resolve_config
 
     try:
-        info = inspect_checkpoint(args.checkpoint)
+        info = read_provenance(args.checkpoint)
         config = resolve_config(info, args.config, args.overrides)
         out_dir = args.out or config.eval.out_dir or str(default_out_dir(info))
         if args.dry_run:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tarflow_scale.checkpoint import CheckpointError, export_checkpoint, export_model_dir
+from tarflow_scale.artifacts import CheckpointError, export_checkpoint, export_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="tarflow-export",
         description="Consolidate a DeepSpeed ZeRO checkpoint folder (or a run directory: its newest checkpoint) "
         "into OUT.safetensors with the model config embedded in its metadata (and OUT.json beside it). "
-        "The result loads with tarflow_scale.checkpoint.load_model, without DeepSpeed or Ray.",
+        "The result loads with tarflow_scale.load_model, without DeepSpeed or Ray.",
     )
     parser.add_argument("checkpoint", help="checkpoint_* folder written by tarflow-train, or its run directory")
     parser.add_argument("out", help="output .safetensors path (--format file) or folder (--format dir)")
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=("file", "dir"),
         default="file",
         help="file: one .safetensors; dir: a model directory (config.json, model.safetensors, README.md model card) "
-        "that TarFlow.from_pretrained loads and push_to_hub uploads",
+        "that PretrainedTarFlow.from_pretrained loads and push_to_hub uploads",
     )
     parser.add_argument(
         "--metrics",

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted keys, e.g. data.path=/data/imagenet64 data.noise_std=0.05")
     args = parser.parse_intermixed_args(argv)
 
-    from tarflow_scale.checkpoint import CheckpointError, export_model_dir
+    from tarflow_scale.artifacts import CheckpointError, export_model_dir, read_provenance
     from tarflow_scale.config import ConfigError
     from tarflow_scale.interop.ml_tarflow import import_checkpoint
 
@@ -44,10 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError) as e:
         print(f"tarflow-import: error: {e}", file=sys.stderr)
         return 2
-    from tarflow_scale.evaluation.resolve import inspect_checkpoint, training_noise
-
-    info = inspect_checkpoint(path)
-    m, noise = info.model_config, training_noise(info)
+    info = read_provenance(path)
+    m, noise = info.model_config, info.noise
     print(
         f"wrote {path}: {m.in_channels}x{m.image_size}x{m.image_size}, patch {m.patch_size}, width {m.channels}, "
         f"{m.num_blocks} blocks x {m.layers_per_block} layers, {m.num_classes or 'no'} classes, prior {m.prior}; "

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from tarflow_scale.checkpoint import CheckpointError, read_training_config
+    from tarflow_scale.artifacts import CheckpointError, load_model, read_provenance
     from tarflow_scale.sampling import resolve_labels, sample_images
 
     checkpoint = Path(args.checkpoint)
@@ -122,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print("tarflow-sample: --num must be >= 1", file=sys.stderr)
         return 2
     try:
-        run_config = read_training_config(checkpoint)
-        from tarflow_scale.checkpoint import load_model
-
+        trained_with = read_provenance(checkpoint).noise
         model = load_model(checkpoint, device)
     except CheckpointError as e:
         print(f"tarflow-sample: {e}", file=sys.stderr)
@@ -151,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    noise_std = None
-    if run_config is not None and run_config.data.noise == "gaussian":
-        noise_std = run_config.data.noise_std
+    noise_std = trained_with.noise_std if trained_with.noise == "gaussian" else None
     denoise = bool(noise_std) and not args.no_denoise
     try:
         y = resolve_labels(labels, args.num, num_classes)

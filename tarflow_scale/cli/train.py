@@ -70,7 +70,7 @@ def _shown(path: Path) -> str:
 
 def evaluation_lines(config: RunConfig, export: Path) -> list[str]:
     """Held-out bits/dim (one exact pass over the held-out split) and PNG's on the same images."""
-    from tarflow_scale.checkpoint import load_model
+    from tarflow_scale.artifacts import load_model
     from tarflow_scale.data import DataError, read_manifest
     from tarflow_scale.evaluation.summary import (
         MAX_QUICK_EVAL_IMAGES,
@@ -156,11 +156,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{config.micro_batch_size} x {config.grad_accum_steps} accumulation step(s)"
         )
         return 0
-    from tarflow_scale.checkpoint import CheckpointError
+    from tarflow_scale.artifacts import CheckpointError
     from tarflow_scale.data import DataError
 
     if config.train.init_from:  # before any worker starts: the file exists and holds this run's model
-        from tarflow_scale.checkpoint import check_initial_weights
+        from tarflow_scale.artifacts.load import check_initial_weights
 
         try:
             check_initial_weights(config.train.init_from, config.model)

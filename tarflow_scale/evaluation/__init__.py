@@ -3,6 +3,6 @@
 The maths modules (`bpd`, `generate`, `fid`) take plain arguments and never import Ray. `pool` holds the Ray
 side (the worker pool and driver progress), `worker` the actor that runs units of work, `jobs` the jobs cut
 into resumable units (`units`), `orchestrate` the checks before Ray starts and the whole run, `resolve` the
-checkpoint and config reading, `outputs` what is written (metrics.json, CSV, PNGs, TensorBoard).
+run config assembled around the checkpoint's, `outputs` what is written (metrics.json, CSV, PNGs, TensorBoard).
 This package imports nothing eagerly, so `import tarflow_scale.evaluation.bpd` does not pull in Ray.
 """

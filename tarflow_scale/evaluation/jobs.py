@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..artifacts.provenance import TrainingNoise
 from ..atomic import atomic_path
 from ..config import EvalConfig, RunConfig
 from ..data import DataError, read_manifest
@@ -20,7 +21,6 @@ from ..sampling import save_grid
 from . import fid as fidlib
 from .bpd import summarize
 from .pool import Progress, WorkerPool
-from .resolve import TrainingNoise
 from .units import UnitStore
 
 JOB_ORDER = ("bpd", "sample", "denoise", "fid_stats", "fid")  # fid_stats before fid: fid reads what it writes

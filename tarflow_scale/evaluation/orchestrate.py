@@ -9,14 +9,13 @@ from typing import Any
 
 import ray
 
-from ..checkpoint import load_model
+from ..artifacts import Provenance, TrainingNoise, load_model
 from ..config import ConfigError, RunConfig
 from ..data import DataError, check_shard_sizes, read_manifest, resolve_data_path
 from . import fid as fidlib
 from .jobs import JOB_ORDER, data_fingerprint, run_bpd, run_fid, run_fid_stats, run_sampling
 from .outputs import METRICS_FILE, build_report, write_per_image, write_report, write_tensorboard
 from .pool import WorkerPool, init_ray
-from .resolve import CheckpointInfo, TrainingNoise, training_noise
 from .units import UnitStore, model_fingerprint
 
 
@@ -77,7 +76,7 @@ def _denoise_std(config: RunConfig, noise: TrainingNoise) -> float:
 
 def evaluate(
     config: RunConfig,
-    checkpoint: CheckpointInfo,
+    checkpoint: Provenance,
     out_dir: str | Path,
     address: str | None = None,
     argv: list[str] | None = None,
@@ -87,7 +86,7 @@ def evaluate(
     e = config.eval
     jobs = [j for j in JOB_ORDER if j in e.jobs]
     out_dir = Path(out_dir)
-    noise = training_noise(checkpoint)
+    noise = checkpoint.noise
     model = load_model(checkpoint.path)  # strict: weights must match the embedded config
 
     # Every check that can fail before spending time on workers.
@@ -123,7 +122,7 @@ def evaluate(
     started = init_ray(address or config.cluster.address)
     results: dict[str, Any] = {}
     try:
-        pool = WorkerPool(model, config, num_workers)
+        pool = WorkerPool(model, config, num_workers, source=str(checkpoint.path))
         try:
             if "bpd" in jobs:
                 results["bpd"], per_image = run_bpd(pool, config, noise, store_for)

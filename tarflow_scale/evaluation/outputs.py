@@ -16,10 +16,10 @@ from typing import Any
 from torch import Tensor
 
 from .. import atomic
+from ..artifacts.provenance import Provenance, TrainingNoise
+from ..artifacts.weights import file_sha256
 from ..atomic import atomic_path
-from ..checkpoint import file_sha256
 from ..config import RunConfig, to_dict
-from .resolve import CheckpointInfo, TrainingNoise
 
 METRICS_FILE = "metrics.json"
 # Distribution names (as pip knows them) whose versions every report records.
@@ -55,7 +55,7 @@ def _jsonable(value: Any) -> Any:
 
 def build_report(
     config: RunConfig,
-    checkpoint: CheckpointInfo,
+    checkpoint: Provenance,
     noise: TrainingNoise,
     results: dict[str, Any],
     cluster: dict[str, Any],

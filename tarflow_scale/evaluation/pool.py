@@ -68,7 +68,7 @@ class WorkerPool:
 
     MAX_REPLACEMENTS_PER_WORKER = 3  # then the cluster is failing, not occasionally losing a node
 
-    def __init__(self, model: TarFlow, config: RunConfig, num_workers: int):
+    def __init__(self, model: TarFlow, config: RunConfig, num_workers: int, source: str = "the evaluated model"):
         cluster = config.cluster
         need = {"CPU": num_workers * cluster.cpus_per_worker, "GPU": num_workers if cluster.use_gpu else 0}
         have = ray.cluster_resources()
@@ -80,8 +80,9 @@ class WorkerPool:
                 "cluster.num_workers or cluster.cpus_per_worker"
             )
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        # One copy of the weights in the object store; every worker builds its model from it (no shared FS needed).
-        self._payload = ray.put({"model_config": to_dict(model.config), "state": state})
+        # One copy of the weights in the object store; every worker builds its model from it (no shared FS needed);
+        # `source` names the checkpoint in a worker's error.
+        self._payload = ray.put({"model_config": to_dict(model.config), "state": state, "source": source})
         # SPREAD: one lost node takes as few workers as possible with it.
         self._actor = ray.remote(EvalWorker).options(
             num_cpus=cluster.cpus_per_worker, num_gpus=1 if cluster.use_gpu else 0, scheduling_strategy="SPREAD"

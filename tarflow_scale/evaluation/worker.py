@@ -7,10 +7,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import Decoding, Guidance, RunConfig, TarFlowConfig, from_dict
+from ..artifacts.load import build_model
+from ..config import Decoding, Guidance, RunConfig, from_dict, model_config_from_dict
 from ..data import DataError, make_eval_loader
 from ..models.decoding import DecodingStats
-from ..models.tarflow import TarFlow
 from ..sampling import to_uint8, tweedie_denoise
 from . import fid as fidlib
 from .bpd import batch_bits_per_dim
@@ -30,8 +30,7 @@ class EvalWorker:
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.config: RunConfig = from_dict(RunConfig, config)
-        model = TarFlow(from_dict(TarFlowConfig, payload["model_config"]))
-        model.load_state_dict(payload["state"], strict=True)
+        model = build_model(model_config_from_dict(payload["model_config"]), payload["state"], payload["source"])
         self.model = model.to(self.device).eval()
         self._extractor = None
 

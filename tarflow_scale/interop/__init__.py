@@ -1,6 +1,6 @@
 """Interoperability: import checkpoints of other TarFlow implementations (the reference apple/ml-tarflow).
 
-A layer beside checkpoint.py: it uses models, config and checkpoint, never training, evaluation, cli or ray.
+A layer above artifacts/: it uses models, config and artifacts, never training, evaluation, cli or ray.
 """
 
 from .ml_tarflow import import_checkpoint as import_ml_tarflow

@@ -33,7 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..checkpoint import CheckpointError, build_model, file_sha256, save_export
+from ..artifacts.exports import save_export
+from ..artifacts.load import build_model
+from ..artifacts.weights import CheckpointError, file_sha256
 from ..config import RunConfig, TarFlowConfig, from_dict, parse_overrides
 from ..config.loading import merge_trees
 from ..models.tarflow import unpatchify

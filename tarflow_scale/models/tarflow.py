@@ -6,20 +6,14 @@ triangular system token by token with a KV cache; faster decoders of the same sy
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
-from .. import model_card, weights
-from ..config import Decoding, Guidance, TarFlowConfig, to_dict
+from ..config import Decoding, Guidance, TarFlowConfig
 from .decoding import DecodingStats, block_decoder, cache_dtype, matmul_precision
 from .likelihood import bits_per_dim
 from .mixing import build_mixer
@@ -232,18 +226,10 @@ class FlowBlock(nn.Module):
         return self.transform.guide(*params.chunk(2), weight)
 
 
-class TarFlow(
-    nn.Module,
-    PyTorchModelHubMixin,
-    library_name="tarflow_scale",
-    paper_url=model_card.PAPER_URL,
-    tags=["normalizing-flow", "tarflow", "image-generation"],
-    model_card_template=model_card.MODEL_CARD_TEMPLATE,
-):
+class TarFlow(nn.Module):
     """Transformer autoregressive flow over image patches, with an exact log-likelihood and exact sampling.
 
-    `save_pretrained(DIR)` / `from_pretrained(DIR | FILE.safetensors | "org/name")` (Hugging Face Hub mixin): a
-    model directory holds config.json, model.safetensors (weights checksum verified on load) and a README.md card.
+    Loading, saving and the Hugging Face Hub: tarflow_scale.artifacts (`load_model`, `PretrainedTarFlow`).
 
     >>> model = TarFlow(TarFlowConfig(image_size=8, patch_size=2, channels=32, num_blocks=2))
     >>> x = torch.randn(4, 3, 8, 8)
@@ -270,9 +256,6 @@ class TarFlow(
         self.mixers = nn.ModuleList(m for m in mixers if m is not None)
         shape = (config.in_channels, config.image_size, config.image_size)
         self.prior = GaussianPrior(shape, learned=config.prior == "learned")
-        # Where the weights came from (export metadata strings: the training run config with its noise, source,
-        # tag); set by the loaders, carried into save_pretrained so a saved model stays self-describing.
-        self.provenance: dict[str, str] = {}
 
     @property
     def num_dims(self) -> int:
@@ -385,108 +368,3 @@ class TarFlow(
         else:
             eps = n_or_z
         return self.inverse(self.prior.scale(eps), y, guidance, decoding, stats)
-
-    # ------------------------------------------------------------------------------------------------------
-    # Model directories and the Hub (huggingface_hub.PyTorchModelHubMixin hooks)
-
-    @classmethod
-    def from_weights_file(cls, path: str | Path, map_location: str | torch.device = "cpu") -> TarFlow:
-        """An export / imported checkpoint (`.safetensors` with embedded config), checksum verified."""
-        state, metadata = weights.read_weights(path)
-        return cls._build(weights.export_model_config(path, metadata), state, metadata, str(path), map_location)
-
-    @classmethod
-    def from_model_dir(cls, path: str | Path, map_location: str | torch.device = "cpu") -> TarFlow:
-        """A model directory written by `save_pretrained` / `tarflow-export --format dir`."""
-        if not weights.is_model_dir(path):
-            raise weights.CheckpointError(
-                f"{path} is not a model directory (needs {weights.CONFIG_JSON} and {weights.WEIGHTS_FILE}); "
-                "a training run or checkpoint folder loads with tarflow_scale.checkpoint.load_model"
-            )
-        config, state, metadata = weights.read_model_dir(path)
-        return cls._build(config, state, metadata, str(path), map_location)
-
-    @classmethod
-    def _build(cls, config, state, metadata, source: str, map_location) -> TarFlow:
-        model = cls(config)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise weights.CheckpointError(f"{source} does not match its model config: {e}") from e
-        model.provenance = {k: v for k, v in metadata.items() if k not in model_card.FILE_KEYS}
-        return model.to(map_location).eval()
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> TarFlow:
-        """A model directory, an export / imported `.safetensors` file, or a Hub id ("org/name", downloaded).
-
-        Local paths never touch the network; a missing local-looking path is an error, not a Hub lookup.
-        """
-        name = str(pretrained_model_name_or_path)
-        path = Path(name).expanduser()
-        map_location = kwargs.get("map_location", "cpu")
-        if path.is_file():
-            if path.suffix in (".pth", ".pt"):
-                raise weights.CheckpointError(
-                    f"{path} is a PyTorch pickle, not a tarflow_scale export: convert a reference ml-tarflow "
-                    f"checkpoint with `tarflow-import ml-tarflow {path} OUT.safetensors`, then load OUT.safetensors"
-                )
-            return cls.from_weights_file(path, map_location)
-        if path.is_dir():
-            if not weights.is_model_dir(path):
-                return cls.from_model_dir(path, map_location)  # raises, naming what is missing
-            # A model directory goes through the mixin (it reads config.json), which calls _from_pretrained.
-        elif os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or path.suffix:
-            raise weights.CheckpointError(f"model {name} does not exist (not a file, a model directory or a Hub id)")
-        return super().from_pretrained(name, **kwargs)
-
-    @classmethod
-    def _from_pretrained(
-        cls,
-        *,
-        model_id: str,
-        revision: str | None,
-        cache_dir: str | Path | None,
-        force_download: bool,
-        local_files_only: bool,
-        token: str | bool | None,
-        map_location: str = "cpu",
-        **unused: Any,  # the mixin passes config.json's content as `config`: the directory is re-read, verified
-    ) -> TarFlow:
-        folder = model_id
-        if not os.path.isdir(model_id):
-            from huggingface_hub import snapshot_download
-
-            folder = snapshot_download(
-                repo_id=model_id,
-                revision=revision,
-                cache_dir=cache_dir,
-                force_download=force_download,
-                token=token,
-                local_files_only=local_files_only,
-                allow_patterns=[weights.CONFIG_JSON, weights.WEIGHTS_FILE, weights.MODEL_CARD],
-            )
-        return cls.from_model_dir(folder, map_location)
-
-    def _save_pretrained(self, save_directory: Path) -> None:
-        """model.safetensors: fp32 weights, the model config and provenance in the metadata, and their checksum."""
-        metadata = {
-            "format": weights.EXPORT_FORMAT,
-            "model_config": json.dumps(to_dict(self.config)),
-            **{k: v for k, v in self.provenance.items() if k not in model_card.FILE_KEYS},
-        }
-        weights.write_weights(Path(save_directory) / weights.WEIGHTS_FILE, self.state_dict(), metadata)
-
-    def save_pretrained(
-        self, save_directory: str | Path, *, metrics: dict[str, Any] | None = None, **kwargs: Any
-    ) -> str | None:
-        """Write DIR/config.json, DIR/model.safetensors and DIR/README.md (kept if present, as on the Hub).
-
-        `metrics`: an evaluation's metrics.json content, summarised in the model card. Other keyword arguments
-        go to the mixin (`push_to_hub=True, repo_id=...`).
-        """
-        kwargs.setdefault("config", model_card.config_json(self.config, self.provenance))
-        num_params = sum(p.numel() for p in self.parameters())
-        card = model_card.card_fields(self.config, self.provenance, metrics, str(save_directory), num_params)
-        kwargs["model_card_kwargs"] = {**card, **(kwargs.get("model_card_kwargs") or {})}
-        return super().save_pretrained(save_directory, **kwargs)

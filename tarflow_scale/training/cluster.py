@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import EXPORT_NAME, checkpoint_step, complete_checkpoints
+from ..artifacts.checkpoints import checkpoint_step, complete_checkpoints
+from ..artifacts.exports import EXPORT_NAME
 from ..config import ConfigError, RunConfig, local_run_dir, to_dict
 from ..data import check_shard_sizes, read_manifest, resolve_data_path
 from .console import (

@@ -19,7 +19,7 @@ from ray.train.v2._internal.execution.failure_handling import DefaultFailurePoli
 from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 from ray.train.v2.api.exceptions import WorkerGroupError
 
-from ..checkpoint import CheckpointError
+from ..artifacts.weights import CheckpointError
 from ..config import ConfigError
 from ..data import DataError
 from .run_state import request_stop

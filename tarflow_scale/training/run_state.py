@@ -2,7 +2,7 @@
 from, whether the new config may continue it, Ray's checkpoint snapshot, and the stop request of a Ctrl-C.
 
 Every rule here is the same for resume, export and evaluation: the newest *complete* checkpoint of `run_dir`
-(tarflow_scale.checkpoint.complete_checkpoints) is the one that counts.
+(tarflow_scale.artifacts.checkpoints.complete_checkpoints) is the one that counts.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import complete_checkpoints, read_run_config
+from ..artifacts.checkpoints import complete_checkpoints, read_run_config
 from ..config import ConfigError, RunConfig, dump_config, to_dict
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's list of reported checkpoints, in run_dir
@@ -94,7 +94,7 @@ def check_resume(config: RunConfig, allow_changes: tuple[str, ...] = ()) -> Resu
         checkpoint = Path(config.train.resume_from)
         if not checkpoint.is_dir():
             raise ConfigError(f"train.resume_from={checkpoint} does not exist")
-        from ..checkpoint import latest_checkpoint
+        from ..artifacts.checkpoints import latest_checkpoint
 
         checkpoint = latest_checkpoint(checkpoint)
     else:
@@ -136,7 +136,7 @@ def record_config(config: RunConfig, plan: ResumePlan) -> Path:
 
 
 def read_run_step(checkpoint: Path) -> int:
-    from ..checkpoint import COMPLETE_FILE
+    from ..artifacts.checkpoints import COMPLETE_FILE
 
     try:
         return int(json.loads((checkpoint / COMPLETE_FILE).read_text())["step"])

@@ -21,19 +21,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import (
+from ..artifacts.checkpoints import (
     CONFIG_FILE,
     EMA_FILE,
-    EXPORT_NAME,
-    CheckpointError,
     complete_checkpoints,
     latest_checkpoint,
-    load_initial_weights,
     read_run_config,
-    save_export,
     strip_wrapper_prefixes,
     write_complete_marker,
 )
+from ..artifacts.exports import EXPORT_NAME, save_export
+from ..artifacts.load import build_model, load_initial_weights
+from ..artifacts.weights import CheckpointError
 from ..config import ConfigError, RunConfig, dump_config, from_dict
 from ..data import DataStats, augment, make_train_loader
 from ..models.likelihood import LOG_2, LOG_BIN_WIDTH_8BIT
@@ -156,8 +155,7 @@ def _plain_model(engine, config: RunConfig, rank: int) -> TarFlow | None:
         if rank != 0:
             return None
         state = {k: v.detach().clone() for k, v in strip_wrapper_prefixes(engine.module.state_dict()).items()}
-    model = TarFlow(config.model)
-    model.load_state_dict(state)
+    model = build_model(config.model, state, "the engine's gathered ZeRO-3 weights")
     return model.to(next(iter(state.values())).device)
 
 

@@ -1,10 +1,10 @@
-"""Weight files: safetensors with the model config and a checksum of the weights in the metadata, read back verified.
+"""The weight-file format: safetensors with the model config and a checksum of the weights in the metadata.
 
 One format serves the export (`tarflow-export`, `tarflow-import`), the `model.safetensors` of a model directory and
 the trainer's final export. The checksum (`weights_sha256`) is a SHA-256 over every tensor's name, dtype, shape and
 bytes in name order, so it identifies the weights whatever the file's byte layout; flipped bytes in the data region
-(which safetensors itself never notices) make `read_weights` raise an error naming the file. Files written before
-the checksum existed still load: the check is skipped and `metadata["integrity"]` says so.
+(which safetensors itself never notices) make `read_weights` raise an error naming the file, and so does a file
+that records no checksum.
 """
 
 from __future__ import annotations
@@ -16,16 +16,14 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
-from .config import TarFlowConfig, model_config_from_dict
+from .. import atomic
+from ..config import TarFlowConfig, model_config_from_dict
 
 EXPORT_FORMAT = "tarflow_scale/1"
 SHARED_FILE_MODE = 0o644  # owner read/write, everyone read
 CHECKSUM_KEY = "weights_sha256"
-# A model directory (save_pretrained, `tarflow-export --format dir`): the Hugging Face Hub layout.
-CONFIG_JSON = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-MODEL_CARD = "README.md"
+# Metadata keys that describe the file itself, not where the weights came from.
+FILE_KEYS = ("format", "model_config", CHECKSUM_KEY, "integrity")
 
 
 class CheckpointError(RuntimeError):
@@ -39,6 +37,18 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
         tensor = state[name].detach().contiguous().cpu()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """Checksum of a file, or of every file of a folder in name order (what an evaluation records it ran on)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        with file.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -67,50 +77,31 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Weights and metadata of a safetensors file; the checksum is verified when the file records one."""
+    """Weights and metadata of a weight file, its checksum verified (`metadata["integrity"] == "verified"`)."""
     from safetensors.torch import load_file
 
     metadata = read_metadata(path)
+    expected = metadata.get(CHECKSUM_KEY)
+    if expected is None:
+        raise CheckpointError(
+            f"{path} records no weights checksum ({CHECKSUM_KEY}), so its weights cannot be verified: not a "
+            "tarflow_scale weight file (export it again with tarflow-export or tarflow-import)"
+        )
     try:
         state = load_file(str(path))
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
-    expected = metadata.get(CHECKSUM_KEY)
-    if expected is None:
-        metadata["integrity"] = "not verified: the file records no weights checksum (written before checksums)"
-    elif weights_sha256(state) != expected:
+    if weights_sha256(state) != expected:
         raise CheckpointError(
             f"{path} is corrupt: its weights do not match the checksum recorded when it was written "
             f"({CHECKSUM_KEY}={expected[:16]}...); copy it again from the source"
         )
-    else:
-        metadata["integrity"] = "verified"
+    metadata["integrity"] = "verified"
     return state, metadata
 
 
 def export_model_config(path: str | Path, metadata: dict[str, str]) -> TarFlowConfig:
-    """The model config embedded in an export's metadata (CheckpointError when it is not an export)."""
+    """The model config embedded in a weight file's metadata (CheckpointError when it is not an export)."""
     if metadata.get("format") != EXPORT_FORMAT or "model_config" not in metadata:
         raise CheckpointError(f"{path} is not a tarflow_scale export (no {EXPORT_FORMAT} model_config metadata)")
     return model_config_from_dict(json.loads(metadata["model_config"]))
-
-
-def is_model_dir(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_dir() and (path / CONFIG_JSON).is_file() and (path / WEIGHTS_FILE).is_file()
-
-
-def read_model_dir(path: str | Path) -> tuple[TarFlowConfig, dict[str, torch.Tensor], dict[str, str]]:
-    """A model directory's config, verified weights and weight-file metadata; config.json and the weights' own
-    embedded config must agree (a directory assembled from two models is an error naming both files)."""
-    path = Path(path)
-    config_path, weights_path = path / CONFIG_JSON, path / WEIGHTS_FILE
-    try:
-        described = json.loads(config_path.read_text())
-        config = model_config_from_dict(described["model"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{config_path} is not a tarflow_scale model config ({type(e).__name__}: {e})") from e
-    state, metadata = read_weights(weights_path)
-    if "model_config" in metadata and export_model_config(weights_path, metadata) != config:
-        raise CheckpointError(f"{config_path} and {weights_path} describe different models")
-    return config, state, metadata

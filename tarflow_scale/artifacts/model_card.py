@@ -7,16 +7,17 @@ evaluation's metrics.json when one is given. The card is rendered by huggingface
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import yaml
 
-from .config import ConfigError, RunConfig, TarFlowConfig, from_dict, to_dict
+from ..config import RunConfig, TarFlowConfig, to_dict
+from .provenance import embedded_run_config, training_noise
+from .weights import EXPORT_FORMAT, FILE_KEYS
 
 PAPER_URL = "https://arxiv.org/abs/2412.06329"
-# Metadata keys that describe the file itself, not where the weights came from.
-FILE_KEYS = ("format", "model_config", "weights_sha256", "integrity")
+# Names the metadata in errors (the loaders already checked it against the file it came from).
+_WHERE = "the model's provenance"
 
 MODEL_CARD_TEMPLATE = """---
 {{ card_data }}
@@ -43,9 +44,9 @@ tarflow_scale: exact log-likelihood and exact sampling.
 
 ```python
 import torch
-from tarflow_scale import TarFlow
+from tarflow_scale import PretrainedTarFlow
 
-model = TarFlow.from_pretrained("{{ load_path }}")
+model = PretrainedTarFlow.from_pretrained("{{ load_path }}")
 images = model.sample(16{{ sample_labels }})  # (16, C, H, W) in [-1, 1]
 ```
 
@@ -54,34 +55,16 @@ Integrity: `model.safetensors` records a SHA-256 of its weights (`weights_sha256
 """
 
 
-def run_config_of(provenance: dict[str, str]) -> RunConfig | None:
-    """The training run's config embedded in the weights' metadata, if it parses with today's schema."""
-    if "run_config" not in provenance:
-        return None
-    try:
-        return from_dict(RunConfig, json.loads(provenance["run_config"]))
-    except (ConfigError, json.JSONDecodeError):
-        return None
-
-
-def training_noise(provenance: dict[str, str]) -> dict[str, Any]:
+def _noise_fields(run: RunConfig | None) -> dict[str, Any]:
     """{"noise": gaussian|uniform|none|unknown, "noise_std": sigma on [-1, 1] (0 unless gaussian)}."""
-    run = run_config_of(provenance)
-    if run is None:
-        return {"noise": "unknown", "noise_std": 0.0}
-    return {"noise": run.data.noise, "noise_std": run.data.noise_std if run.data.noise == "gaussian" else 0.0}
+    noise = training_noise(run, _WHERE)
+    return {"noise": noise.noise, "noise_std": noise.noise_std}
 
 
 def config_json(config: TarFlowConfig, provenance: dict[str, str]) -> dict[str, Any]:
     """config.json of a model directory: everything needed to rebuild and evaluate the model, human-readable."""
-    from .weights import EXPORT_FORMAT
-
-    out: dict[str, Any] = {
-        "format": EXPORT_FORMAT,
-        "model": to_dict(config),
-        "training_noise": training_noise(provenance),
-    }
-    run = run_config_of(provenance)
+    run = embedded_run_config(provenance, _WHERE)
+    out: dict[str, Any] = {"format": EXPORT_FORMAT, "model": to_dict(config), "training_noise": _noise_fields(run)}
     if run is not None:
         out["training"] = {
             "data": run.data.path,
@@ -137,8 +120,8 @@ def card_fields(
         ("transform / prior", f"{c.transform} / {c.prior}"),
         ("parameters", f"{num_params:,}" if num_params else "see model.safetensors"),
     ]
-    run = run_config_of(provenance)
-    noise = training_noise(provenance)
+    run = embedded_run_config(provenance, _WHERE)
+    noise = _noise_fields(run)
     source = provenance.get("source", "unknown")
     if run is None:
         training = f"Source: `{source}`. The weights carry no training run config."
