@@ -17,6 +17,9 @@ from .checks import ConfigError
 from .models import TarFlowConfig
 from .run import RunConfig
 
+# Written here rather than taken from dacite, cattrs or OmegaConf (tried against tests/test_config.py): dacite
+# takes true as an int and names no key for an unknown nested one; cattrs converts lossily (3.7 -> 3, "false" ->
+# True) unless every scalar gets a hook like these; OmegaConf takes 3 as true and resolves ${...} in every string.
 # The scalar types a config field may have: what a value must be, and what an error says was expected.
 _SCALARS: dict[type, tuple[Callable[[Any], bool], str]] = {
     bool: (lambda v: isinstance(v, bool), "true/false"),
