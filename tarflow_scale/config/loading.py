@@ -173,7 +173,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults, then the YAML file at `path`, then dotted `overrides`; validated.
 
     The defaults are `cls()` as a tree, so a partial section keeps the run's defaults for the keys it does not
-    name (RunConfig's default model differs from a bare TarFlowConfig in its mixer).
+    name (the study's `tarflow` section defaults to the digits' 8 x 8 geometry, not a bare TarFlowConfig's).
     """
     file_tree = read_yaml_mapping(path) if path is not None else {}
     override_tree = parse_overrides(overrides or [])
