@@ -48,6 +48,7 @@ def test_counted_training_flops_equal_the_architecture_count(overrides):
     assert all(p.grad is None for p in model.parameters())  # counting leaves no gradients behind
 
 
+@pytest.mark.slow
 def test_gpu_session_runbook_runs_every_part_at_toy_size_without_ray_or_deepspeed(tmp_path):
     """`tools/gpu_session.sh smoke` (every GPU part at toy sizes, on CPU) under an interpreter that refuses to
     import Ray and DeepSpeed, as on the bare GPU image the runbook is written for."""

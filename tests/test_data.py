@@ -132,6 +132,7 @@ def eval_keys(cfg: DataConfig, world_size: int, batch_size: int = 4) -> list[tup
 # Converters
 
 
+@pytest.mark.slow
 def test_npz_round_trip_is_exact(tiny_npz, tmp_path):
     root = str(tmp_path)
     # Two processes: the parallel (spawned) writer path.
@@ -453,6 +454,7 @@ def test_bundled_builds_on_first_use_and_loads(small_bundled):
     assert resolve_data_path(DataConfig(path="~/x")) == os.path.expanduser("~/x")
 
 
+@pytest.mark.slow
 def test_bundled_concurrent_first_use(tmp_path):
     """Two processes resolving "bundled" at once both succeed, with one consistent, verified copy."""
     script = (
