@@ -296,6 +296,7 @@ def test_eval_sees_every_sample_exactly_once(tiny_shards, tiny_npz, world_size):
         assert label == expected[key][1]
 
 
+@pytest.mark.slow  # a pipe: URL runs `cat` in a shell
 def test_eval_through_pipe_url_and_downsampling(tiny_shards, tiny_npz):
     cfg = DataConfig(path=f"pipe:cat {tiny_shards}/{{file}}", num_workers=0, image_size=TINY_SIZE // 2)
     seen = eval_keys(cfg, 1, batch_size=8)
