@@ -69,6 +69,8 @@ def pytest_runtest_call(item):
 
 # -- No test writes into the source tree: what git sees (untracked and ignored files included) before and after.
 _BEFORE = pytest.StashKey[dict | None]()
+# Environments and tool caches, which a developer's tools may touch while the tests run (bytecode is left out too).
+_NOT_CHECKED = (".venv", "venv", ".pytest_cache", ".ruff_cache", ".mypy_cache", ".benchmarks")
 
 
 def _repository_files() -> dict[str, int] | None:
@@ -76,7 +78,7 @@ def _repository_files() -> dict[str, int] | None:
     try:
         done = subprocess.run(
             ["git", "status", "--porcelain=v1", "-z", "--untracked-files=all", "--ignored", "--no-renames", "--",
-             ".", ":(exclude).venv", ":(exclude)venv"],
+             ".", *(f":(exclude){name}" for name in _NOT_CHECKED)],
             cwd=REPO_ROOT, capture_output=True, timeout=60,
         )  # fmt: skip
     except (OSError, subprocess.TimeoutExpired):
@@ -86,7 +88,7 @@ def _repository_files() -> dict[str, int] | None:
     files = {}
     for entry in done.stdout.decode(errors="replace").split("\0"):
         path = entry[3:]
-        if path and "__pycache__" not in path and not path.startswith(".pytest_cache"):
+        if path and "__pycache__" not in path:
             files[path] = (REPO_ROOT / path).stat().st_mtime_ns if (REPO_ROOT / path).exists() else -1
     return files
 
@@ -103,5 +105,5 @@ def pytest_sessionfinish(session, exitstatus):
     changed = sorted(path for path, mtime in after.items() if before.get(path) != mtime)
     if changed:
         listed = "\n  ".join(changed[:20])
-        sys.stderr.write(f"\nthe tests wrote into the repository {REPO_ROOT} (use tmp_path):\n  {listed}\n")
+        sys.stderr.write(f"\nfiles under {REPO_ROOT} changed during the tests (use tmp_path):\n  {listed}\n")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
