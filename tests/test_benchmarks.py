@@ -48,6 +48,7 @@ def test_counted_training_flops_equal_the_architecture_count(overrides):
     assert all(p.grad is None for p in model.parameters())  # counting leaves no gradients behind
 
 
+@pytest.mark.slow
 def test_gpu_session_runbook_runs_every_part_at_toy_size_without_ray_or_deepspeed(tmp_path):
     """`tools/gpu_session.sh smoke` (every GPU part at toy sizes, on CPU) under an interpreter that refuses to
     import Ray and DeepSpeed, as on the bare GPU image the runbook is written for."""
@@ -80,6 +81,7 @@ def test_gpu_session_runbook_runs_every_part_at_toy_size_without_ray_or_deepspee
     assert bad.returncode == 2 and "unknown part 'nonsense'" in bad.stderr and not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow  # platform.processor() runs `uname -p`
 def test_gpu_benchmark_reports_a_setting_that_runs_out_of_memory_and_goes_on(monkeypatch, capsys):
     """On a lent GPU the rows are taken in one call: a setting that does not fit is a row, not the end of it."""
     from tarflow_scale.benchmarks import gpu

@@ -272,3 +272,27 @@ def test_nested_sampling_settings_load_from_overrides_and_yaml_and_are_checked(t
     path.write_text("eval:\n  guidance:\n    weight: .nan\n")
     with pytest.raises(ConfigError, match=re.escape(f"{path}: eval.guidance.weight=nan is not a finite number")):
         load_config(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Frozen:
+    weight: float = 0.0
+    blocks: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass
+class _Outer:
+    frozen: _Frozen = dataclasses.field(default_factory=_Frozen)
+    precision: typing.Literal["fp32", "bf16"] = "fp32"
+
+
+def test_nested_frozen_sections_take_lists_as_tuples_and_name_bad_items():
+    outer = from_dict(_Outer, {"frozen": {"weight": 2, "blocks": [0, 3]}, "precision": "bf16"}, prefix="e.")
+    assert outer.frozen == _Frozen(2.0, (0, 3)) and isinstance(outer.frozen.weight, float)
+    assert from_dict(_Outer, {"frozen": {"weight": "3e-3"}}).frozen.weight == 0.003  # YAML 1.1's "3e-3" string
+    with pytest.raises(ConfigError, match=r"e\.frozen\.blocks\[1\]: expected an integer, got 1\.5"):
+        from_dict(_Outer, {"frozen": {"blocks": [0, 1.5]}}, prefix="e.")
+    with pytest.raises(ConfigError, match=r"unknown config key e\.frozen\.weigth \(valid keys: blocks, weight\)"):
+        from_dict(_Outer, {"frozen": {"weigth": 1}}, prefix="e.")
+    with pytest.raises(ConfigError, match=r"e\.frozen: expected a mapping, got 2"):
+        from_dict(_Outer, {"frozen": 2}, prefix="e.")

@@ -132,6 +132,7 @@ def eval_keys(cfg: DataConfig, world_size: int, batch_size: int = 4) -> list[tup
 # Converters
 
 
+@pytest.mark.slow
 def test_npz_round_trip_is_exact(tiny_npz, tmp_path):
     root = str(tmp_path)
     # Two processes: the parallel (spawned) writer path.
@@ -295,6 +296,7 @@ def test_eval_sees_every_sample_exactly_once(tiny_shards, tiny_npz, world_size):
         assert label == expected[key][1]
 
 
+@pytest.mark.slow  # a pipe: URL runs `cat` in a shell
 def test_eval_through_pipe_url_and_downsampling(tiny_shards, tiny_npz):
     cfg = DataConfig(path=f"pipe:cat {tiny_shards}/{{file}}", num_workers=0, image_size=TINY_SIZE // 2)
     seen = eval_keys(cfg, 1, batch_size=8)
@@ -453,6 +455,7 @@ def test_bundled_builds_on_first_use_and_loads(small_bundled):
     assert resolve_data_path(DataConfig(path="~/x")) == os.path.expanduser("~/x")
 
 
+@pytest.mark.slow
 def test_bundled_concurrent_first_use(tmp_path):
     """Two processes resolving "bundled" at once both succeed, with one consistent, verified copy."""
     script = (

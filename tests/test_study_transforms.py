@@ -21,6 +21,7 @@ def small_bundled(monkeypatch, tmp_path):
     return tmp_path / "bundled"
 
 
+@pytest.mark.slow  # platform.processor() runs `uname -p`
 def test_study_writes_finite_bpd_and_positive_rates(small_bundled, tmp_path, capsys):
     out = tmp_path / "study"
     argv = [

@@ -16,7 +16,7 @@ from tarflow_scale.config import load_config
 from tarflow_scale.data import write_split
 from tarflow_scale.data.sources import ArraySource
 from tarflow_scale.training.metrics import read_metrics
-from tarflow_scale.training.trainer import probe_batch
+from tarflow_scale.training.trainer import FAULT_AT_STEP_ENV, probe_batch
 
 pytestmark = pytest.mark.slow
 
@@ -155,11 +155,12 @@ def test_zero3_trains_checkpoints_and_exports(ray_cluster, dataset, tmp_path):
     check_export_matches_engine(run_dir, tmp_path)
 
 
-def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted(zero2_run, dataset, tmp_path):
+def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted(zero2_run, dataset, tmp_path, monkeypatch):
     from tarflow_scale.training.cluster import launch
 
     run_dir = tmp_path / "killed"
-    launch(run_config(dataset, run_dir, "train.fault_at_step=4", "cluster.max_failures=1"))
+    monkeypatch.setenv(FAULT_AT_STEP_ENV, "4")
+    launch(run_config(dataset, run_dir, "cluster.max_failures=1"))
     assert (run_dir / ".fault_injected").is_file(), "the fault was never injected"
     steps = [r["step"] for r in read_metrics(run_dir)]
     assert steps.count(4) == 2, "step 4 must run twice: before the kill and after the restart from step 3"
@@ -168,15 +169,16 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted(zero2_
         assert abs(loss - expected[step]) < 1e-6, (step, loss, expected[step])
 
 
-def test_rerunning_a_failed_run_resumes_where_it_stopped(zero2_run, dataset, tmp_path):
+def test_rerunning_a_failed_run_resumes_where_it_stopped(zero2_run, dataset, tmp_path, monkeypatch):
     from tarflow_scale.training.cluster import launch
 
     run_dir = tmp_path / "rerun"
-    config = run_config(dataset, run_dir, "train.fault_at_step=4", "cluster.max_failures=0")
+    monkeypatch.setenv(FAULT_AT_STEP_ENV, "4")
+    config = run_config(dataset, run_dir, "cluster.max_failures=0")
     with pytest.raises(Exception, match="(?i)fail|died|error"):
         launch(config)
     assert max(step_losses(run_dir)) == 4
-    launch(run_config(dataset, run_dir, "train.fault_at_step=4", "cluster.max_failures=0"))
+    launch(run_config(dataset, run_dir, "cluster.max_failures=0"))
     expected = step_losses(zero2_run)
     losses = step_losses(run_dir)
     assert sorted(losses) == list(range(1, NUM_STEPS + 1))

@@ -7,7 +7,7 @@ batch. A slice of the training split (`study.select_fraction`) is held back and 
 `study.select_every_s` training seconds; each model keeps its best weights there (early stopping, which the
 large MAF needs on 1.3k images). Then the held-out split (fixed dequantization noise) is scored, and, for
 reference, an equally large slice of the training data. nats/dim are -log p(x) / 64 in the preprocessed
-space x in [-1, 1] (tarflow_scale/tabular.py; add log(17/2) = 2.140 for the discrete levels). The table gives
+space x in [-1, 1] (tarflow_scale/data/tabular.py; add log(17/2) = 2.140 for the discrete levels). The table gives
 each model's parameter count (for MAF also the count its masks leave connected), held-out nats/dim as mean +-
 standard error over images, train nats/dim, optimizer steps done, the step whose weights were kept, and
 non-finite losses skipped. The resolved config

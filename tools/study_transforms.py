@@ -14,8 +14,8 @@ sampling images/s, as JSON and as a markdown table.
 
 Deliberately single process: no Ray, no DeepSpeed. The question is how the transforms compare, not how the
 infrastructure scales, and on a small shared CPU the launch overhead would eat a noticeable share of a
-two-minute budget. The loop is the training loop of `tarflow_scale.trainer` reduced to its maths: AdamW with the
-trainer's weight-decay groups, linear warmup, gradient clipping, loss -log p(x) / D.
+two-minute budget. The loop is the training loop of `tarflow_scale.training.trainer` reduced to its maths: AdamW
+with the trainer's weight-decay groups, linear warmup, gradient clipping, loss -log p(x) / D.
 
 Choices that make the numbers comparable:
   * Images are area-downsampled by the loader to --image-size (default 16: data.image_size = model.image_size

@@ -26,7 +26,6 @@ from .run import (
     RunConfig,
     TrainConfig,
     local_run_dir,
-    quickstart_model,
     resolve_batching,
 )
 from .sampling import Decoding, Guidance
@@ -53,7 +52,6 @@ __all__ = [
     "local_run_dir",
     "model_config_from_dict",
     "parse_overrides",
-    "quickstart_model",
     "read_yaml_mapping",
     "resolve_batching",
     "resolve_config_path",

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,73 +17,64 @@ from .checks import ConfigError, SettingError
 from .models import TarFlowConfig
 from .run import RunConfig
 
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+# Written here rather than taken from dacite, cattrs or OmegaConf (tried against tests/test_config.py): dacite
+# takes true as an int and names no key for an unknown nested one; cattrs converts lossily (3.7 -> 3, "false" ->
+# True) unless every scalar gets a hook like these; OmegaConf takes 3 as true and resolves ${...} in every string.
+# The scalar types a config field may have: what a value must be, and what an error says was expected.
+_SCALARS: dict[type, tuple[Callable[[Any], bool], str]] = {
+    bool: (lambda v: isinstance(v, bool), "true/false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+    type(None): (lambda v: v is None, "null"),
+}
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`, converting only where lossless (int -> float, list -> tuple)."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is typing.Union or origin is types.UnionType:
-        errors = []
-        for option in typing.get_args(tp):
+    """`value` checked against the annotation `tp` of config key `key`; converted only where lossless (int ->
+    float, list -> tuple, and the YAML 1.1 string "3e-3" -> float). A dataclass annotation recurses into from_dict.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
             try:
                 return _coerce(value, option, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{key}: expected null, got {value!r}")
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not a {str(tp).replace('typing.', '')}")
     if origin is Literal:
-        if value in typing.get_args(tp):
+        if value in args:
             return value
-        raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
+        if origin is tuple and args[-1] is not Ellipsis:  # tuple[float, float]: a fixed length, a type per place
             if len(value) != len(args):
                 raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
             return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        inner = args[0] if args else Any
-        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        items = (_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))  # list[T], tuple[T, ...]
+        return tuple(items) if origin is tuple else list(items)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return from_dict(tp, value, prefix=f"{key}.")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if tp not in _SCALARS:
+        raise ConfigError(f"{key}: unsupported config type {tp}")
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+        try:
             return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported config type {tp}")
+        except ValueError:
+            pass
+    accepts, expected = _SCALARS[tp]
+    if not accepts(value):
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+    return float(value) if tp is float else value
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a (partial) dict; missing keys keep their defaults."""
+    """Build dataclass `cls` from a (partial) dict; missing keys keep their defaults. `prefix` is the dotted path
+    of `cls` in the run config, for error messages ("model.")."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     # A section lists its keys that moved (old name -> new dotted key) in MOVED_KEYS: a removed flat key, or a
@@ -94,7 +86,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             raise ConfigError(f"config key {prefix}{name} was removed: set {moved[name]} instead")
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s} (valid keys: {', '.join(sorted(names))})")
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (valid keys: {', '.join(sorted(names))})")
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)
@@ -185,7 +177,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults, then the YAML file at `path`, then dotted `overrides`; validated.
 
     The defaults are `cls()` as a tree, so a partial section keeps the run's defaults for the keys it does not
-    name (RunConfig's default model differs from a bare TarFlowConfig in its mixer).
+    name (the study's `tarflow` section defaults to the digits' 8 x 8 geometry, not a bare TarFlowConfig's).
     """
     file_tree = read_yaml_mapping(path) if path is not None else {}
     override_tree = parse_overrides(overrides or [])

@@ -32,12 +32,11 @@ class TarFlowConfig:
     num_components: int = 4  # mixture: K logistics
     # Prior on z: standard normal, or a learned per-dimension variance (used with affine_vp).
     prior: Literal["standard", "learned"] = "standard"
-    # Invertible linear layer on each token's D features between consecutive blocks (tarflow_scale/mixing.py):
-    # none; a fixed random permutation (log-det 0); or CDFlow, W = D_0 C_0 ... C_{m-1} D_m with circulant C_j
-    # applied by FFT, identity at init. The blocks' sequence flip is kept either way (autoregressive order).
-    # The default stays "none" so model configs written before mixers existed load as what they were; the
-    # quickstart run sets cdflow (RunConfig's default model, `quickstart_model`).
-    mixer: Literal["none", "permute", "cdflow"] = "none"
+    # Invertible linear layer on each token's D features between consecutive blocks (tarflow_scale/models/mixing.py):
+    # none (the paper's architecture); a fixed random permutation (log-det 0); or CDFlow, W = D_0 C_0 ... C_{m-1} D_m
+    # with circulant C_j applied by FFT, identity at init. The blocks' sequence flip is kept either way
+    # (autoregressive order).
+    mixer: Literal["none", "permute", "cdflow"] = "cdflow"
     mixer_factors: int = 2  # cdflow: m circulant factors (and m + 1 diagonals), (2m + 1) D parameters per mixer
     # A LayerNorm on each block's Transformer output before the head. false: the head reads the residual stream
     # directly and the block has no `norm_out` keys (the reference ml-tarflow structure; see docs/interop.md).

@@ -146,14 +146,13 @@ class TrainConfig:
     # Fine-tuning: initial weights from an export, a model directory or a training checkpoint (fresh optimizer and
     # schedule). Its model config must equal this run's model section. A resumed run ignores it.
     init_from: str = ""
-    fault_at_step: int = 0  # chaos testing: the last rank kills its own process once at this step (0: never)
 
     def validate(self) -> None:
         check_no_nan(self, "train")
         check_at_least(self, "train", 1, "num_steps", "global_batch_size", "log_every")
         check_at_least(self, "train", 1, "checkpoint_every", "keep_checkpoints", "num_samples")
         check_at_least(self, "train", 1, "max_nonfinite_in_a_row")
-        check_at_least(self, "train", 0, "sample_every", "fault_at_step")
+        check_at_least(self, "train", 0, "sample_every")
         # 0 means derived for these three (see RunConfig.micro_batch_size).
         check_at_least(self, "train", 0, "micro_batch_size", "grad_accum_steps", "max_micro_batch_size")
         if not 0 <= self.label_dropout < 1:
@@ -233,17 +232,12 @@ class EvalConfig:
             raise ConfigError("eval.progress_every_s must be > 0")
 
 
-def quickstart_model() -> TarFlowConfig:
-    """The model of the built-in run (configs/tiny.yaml): TarFlowConfig's defaults plus CDFlow mixing."""
-    return TarFlowConfig(mixer="cdflow")
-
-
 @dataclass
 class RunConfig:
     """Everything one run needs; dumped as `config.yaml` into the run directory."""
 
     run_dir: str = "runs/tiny"
-    model: TarFlowConfig = field(default_factory=quickstart_model)
+    model: TarFlowConfig = field(default_factory=TarFlowConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

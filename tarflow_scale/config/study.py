@@ -62,7 +62,13 @@ class StudyConfig:
 
 def _digits_tarflow() -> TarFlowConfig:
     return TarFlowConfig(
-        image_size=DIGITS_IMAGE_SIZE, in_channels=1, patch_size=1, channels=64, num_blocks=4, layers_per_block=1
+        image_size=DIGITS_IMAGE_SIZE,
+        in_channels=1,
+        patch_size=1,
+        channels=64,
+        num_blocks=4,
+        layers_per_block=1,
+        mixer="none",
     )
 
 

@@ -188,7 +188,7 @@ def infer_run_config(state: dict[str, Tensor], path: str | Path, overrides: list
         "image_size": side * patch, "in_channels": in_channels, "patch_size": patch, "channels": C,
         "num_blocks": num_blocks, "layers_per_block": num_layers, "head_dim": REFERENCE_HEAD_DIM, "mlp_ratio": 4.0,
         "num_classes": num_classes, "null_label": "mean", "transform": "affine" if head_rows == 2 * D else "shift",
-        "prior": "standard" if bool((var == 1).all()) else "learned", "final_norm": False,
+        "prior": "standard" if bool((var == 1).all()) else "learned", "final_norm": False, "mixer": "none",
     }  # fmt: skip
     data: dict[str, Any] = {"path": ""}  # unknown dataset: evaluation asks for data.path before reading data
     if facts is not None:

@@ -140,7 +140,7 @@ def launch(
 
     from .failures import ReliableTorchTrainer, repeatable_failure
     from .run_state import RunStopped, check_resume, clear_stop, record_config, repair_ray_snapshot, stop_requested
-    from .trainer import train_worker
+    from .trainer import FAULT_AT_STEP_ENV, train_worker
 
     config.data.path = resolve_data_path(config.data, announce=_say)
     check_data_matches_model(config)
@@ -159,6 +159,8 @@ def launch(
     )
     init_ray(address or config.cluster.address, console)
     resources = {"CPU": config.cluster.cpus_per_worker}
+    # The trainer's test hook reaches the workers even when Ray started before the variable was set.
+    fault_at = os.environ.get(FAULT_AT_STEP_ENV)
     if config.cluster.use_gpu:
         resources["GPU"] = 1
     trainer = ReliableTorchTrainer(
@@ -174,6 +176,7 @@ def launch(
             failure_config=FailureConfig(max_failures=config.cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
             logging_config=LoggingConfig(log_level=ray_train_log_level(console)),
+            worker_runtime_env={"env_vars": {FAULT_AT_STEP_ENV: fault_at}} if fault_at else None,
         ),
     )
     progress = None

@@ -4,7 +4,7 @@ Ray Train V2 retries every worker-group failure up to `FailureConfig.max_failure
 damaged checkpoint or diverged weights fail identically on every retry, so retrying only wastes the cluster and
 buries the message: `RepeatableErrorPolicy` raises those at once and keeps Ray's own accounting for the rest
 (process and node deaths, preemptions). Ray 2.60 has no public hook for a policy, so `ReliableTorchTrainer` swaps it
-in at `_initialize_and_run_controller` (pinned by tests/test_reliability_ray.py).
+in at `_initialize_and_run_controller` (pinned by tests/test_reliability.py).
 """
 
 from __future__ import annotations

@@ -32,7 +32,6 @@ SAFE_TO_CHANGE = (
     "train.keep_checkpoints",
     "train.num_steps",
     "train.resume_from",
-    "train.fault_at_step",
     "train.max_nonfinite_in_a_row",
     "data.max_corrupt_in_a_row",
     "cluster.address",

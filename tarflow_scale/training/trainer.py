@@ -46,6 +46,10 @@ from .metrics import MetricsLogger, emit
 from .run_state import stop_requested
 from .schedule import make_scheduler
 
+# Test hook, not a user setting: with TARFLOW_FAULT_AT_STEP=N in the driver's environment the last rank kills its
+# own process once at step N (tests/test_training.py checks that a restarted worker group resumes exactly).
+# launch() hands the variable to the workers; FAULT_MARKER in run_dir records the kill so a restart runs on.
+FAULT_AT_STEP_ENV = "TARFLOW_FAULT_AT_STEP"
 FAULT_MARKER = ".fault_injected"
 
 
@@ -115,8 +119,9 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def _maybe_inject_fault(config: RunConfig, step: int, rank: int, world: int) -> None:
-    """Chaos testing: the last rank kills its own process once at `train.fault_at_step`."""
-    if config.train.fault_at_step <= 0 or step != config.train.fault_at_step or rank != world - 1:
+    """The test hook FAULT_AT_STEP_ENV: the last rank kills its own process once at that step."""
+    fault_at = int(os.environ.get(FAULT_AT_STEP_ENV) or 0)
+    if fault_at <= 0 or step != fault_at or rank != world - 1:
         return
     marker = Path(config.run_dir) / FAULT_MARKER
     if marker.exists():
@@ -265,10 +270,8 @@ def _resume(engine, config: RunConfig, ema: EMA | None, world: int) -> tuple[Loo
     import ray.train
     from ray.train import Checkpoint
 
-    run_dir = Path(config.run_dir)
-    if "://" in config.run_dir:  # remote storage (s3://, gs://): no local markers; Ray's committed record counts
-        checkpoint = ray.train.get_checkpoint()
-    elif own := complete_checkpoints(run_dir, warn=ray.train.get_context().get_world_rank() == 0):
+    run_dir = Path(config.run_dir)  # a local (or mounted) path: launch() resolved it with config.local_run_dir
+    if own := complete_checkpoints(run_dir, warn=ray.train.get_context().get_world_rank() == 0):
         checkpoint = Checkpoint.from_directory(str(own[-1]))
     elif config.train.resume_from:
         if not Path(config.train.resume_from).is_dir():
