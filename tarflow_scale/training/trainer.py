@@ -377,11 +377,7 @@ def train_worker(config_dict: dict) -> None:
     stats = DataStats()
     num_dims = config.model.num_dims
     conditional = config.model.num_classes > 0
-    # One loader for the whole launch: each checkpoint boundary starts its next segment (seeded by that boundary's
-    # step) on the same worker processes, whose shuffle buffers filled while the previous segment was read.
-    seeds = partial(segment_seed, train.seed, state.data_start, train.checkpoint_every)
-    stream = make_train_loader(data, config.micro_batch_size, rank, world, seeds, stats)
-    loader, last_metrics = None, {}
+    stream, loader, last_metrics = None, None, {}
     # Loss terms accumulate on the device: reading them every micro-step would sync the GPU each time.
     window = {"loss": 0.0, "prior_nll": 0.0, "log_det": 0.0, "count": 0, "start": time.time(), "images": 0}
 
@@ -391,6 +387,10 @@ def train_worker(config_dict: dict) -> None:
             # boundaries (after a stop request) replays the stream from its boundary up to where it stopped.
             if state.step % train.checkpoint_every == 0:
                 state.data_start, state.batches_drawn = state.step, 0
+            if stream is None:  # one loader per launch: each later boundary starts its next segment, on the same
+                # worker processes, whose shuffle buffers filled while the previous segment was read
+                seeds = partial(segment_seed, train.seed, state.data_start, train.checkpoint_every)
+                stream = make_train_loader(data, config.micro_batch_size, rank, world, seeds, stats)
             loader = iter(stream)  # the segment starting at state.data_start
             for _ in range(state.batches_drawn):
                 next(loader)
