@@ -220,8 +220,8 @@ class MemoryEstimate:
             ("optimizer-step workspace (after the backward)", self.step_workspace),
             ("end-of-run sample grid's KV cache (likewise)", self.sampling_cache),
         ]
-        rows = [f"  {name:<44} {gib(value)}" for name, value in terms if value]
-        return [head, *rows, f"  {'peak':<44} {gib(self.peak)}"]
+        rows = [f"  {name:<46} {gib(value)}" for name, value in terms if value]
+        return [head, *rows, f"  {'peak':<46} {gib(self.peak)}"]
 
 
 def estimate_training_memory(
