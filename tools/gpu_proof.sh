@@ -89,10 +89,17 @@ part1() {
     } >>"$report"
     return "${PIPESTATUS[0]}"
 }
-part2() { proof train imagenet64_cond && proof train imagenet64_density; }
+part2() {
+    proof train imagenet64_cond
+    local cond=$?
+    proof train imagenet64_density || return
+    return $cond
+}
+export -f part1 part2 proof
+export python mode report
 
-run "part 1 (environment, GPU tests)" 90 bash -c "$(declare -f part1 proof); python=$python mode=$mode report=$report part1"
-run "part 2 (training)" 180 bash -c "$(declare -f part2 proof); python=$python mode=$mode report=$report part2"
+run "part 1 (environment, GPU tests)" 90 bash -c part1
+run "part 2 (training)" 180 bash -c part2
 run "part 3 (sampling)" 120 "$python" tools/gpu_proof.py sample --mode "$mode" --report "$report"
 run "part 4 (evaluation)" 60 "$python" tools/gpu_proof.py eval --mode "$mode" --report "$report"
 echo "report: $report"

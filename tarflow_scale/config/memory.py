@@ -27,8 +27,8 @@ MLP hidden H, nh heads; bytes in brackets are fp32 / bf16-trunk):
 Activation checkpointing (each Transformer layer recomputed in backward) keeps only each layer's input h (4 TC) and
 the block terms; the layer being recomputed adds one layer's activations to the workspace.
 The backward workspace holds the gradients in flight through one layer (dh in and out and the MLP hidden's:
-4 (2TC + TH)); it is an upper bound (measured 0.5-1x of it). Under the bf16 trunk, autocast's bf16 copies of the trunk's weights are kept from the
-forward to the backward (2 bytes per trunk parameter).
+4 (2TC + TH), an upper bound). Under the bf16 trunk, autocast's bf16 copies of the trunk's weights are kept from
+the forward to the backward (2 bytes per trunk parameter).
 
 On a GPU, `torch.cuda.max_memory_allocated` measures exactly this kind of sum (live tensors); the CUDA context,
 cuBLAS/NCCL workspaces and the caching allocator's fragmentation are outside it, hence `usable_bytes`' headroom.

@@ -1,12 +1,12 @@
 """Generate the DeepSpeed JSON config from the typed run config (never keep a hand-written second copy), and
-describe the precision policy (docs/gpu.md; resolved by config.run.resolve_precision)."""
+describe the precision policy (docs/gpu.md; resolved by config.batching.resolve_precision)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ..config import RunConfig
-from ..config.run import resolve_bucket_sizes, resolve_overlap_comm, resolve_precision
+from ..config.batching import resolve_bucket_sizes, resolve_overlap_comm, resolve_precision
 
 __all__ = ["build_deepspeed_config", "describe_precision", "precision_warning", "resolve_precision"]
 
