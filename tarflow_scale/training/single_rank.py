@@ -82,29 +82,33 @@ def _free_port() -> int:
 
 @contextmanager
 def one_rank_world(config: RunConfig):
-    """A one-rank process group (made once per process) and the `ray.train` stand-in (undone on exit); yields the
-    stand-in."""
+    """A one-rank process group (made once per process: DeepSpeed holds on to the groups it saw), the variables Ray
+    sets for a worker (restored on exit, so later processes do not inherit the port) and the `ray.train` stand-in
+    (undone on exit); yields the stand-in."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():  # kept for the process: DeepSpeed holds on to the groups it saw
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        if config.cluster.use_gpu:
-            torch.cuda.set_device(0)
-        dist.init_process_group("nccl" if config.cluster.use_gpu else "gloo")
+    rank_env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    rank_env["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(_free_port())
+    saved_env = {key: os.environ.get(key) for key in rank_env}
+    os.environ.update(rank_env)
     stand_in = _OneRankTrain(Path(config.run_dir))
     parent = types.ModuleType("ray")
     parent.train = stand_in
-    saved = {name: sys.modules.get(name) for name in ("ray", "ray.train")}
+    saved_modules = {name: sys.modules.get(name) for name in ("ray", "ray.train")}
     sys.modules.update({"ray": parent, "ray.train": stand_in})
     try:
+        if not dist.is_initialized():
+            if config.cluster.use_gpu:
+                torch.cuda.set_device(0)
+            dist.init_process_group("nccl" if config.cluster.use_gpu else "gloo")
         yield stand_in
     finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
+        for saved, where in ((saved_modules, sys.modules), (saved_env, os.environ)):
+            for key, value in saved.items():
+                if value is None:
+                    where.pop(key, None)
+                else:
+                    where[key] = value
 
 
 def run_single_rank(config: RunConfig, console: ConsoleOptions | None = None) -> list[dict[str, Any]]:
