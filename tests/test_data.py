@@ -334,6 +334,36 @@ def test_train_stream_deterministic_per_seed_and_differs_across_ranks(tiny_shard
     assert 0 < flips < 32
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_train_loader_segments_reuse_one_loader_and_equal_fresh_loaders(tiny_shards, monkeypatch, num_workers):
+    """The trainer keeps one loader per launch: iteration e (the segment from checkpoint boundary e) is the stream
+    a fresh loader seeded by seed(e) gives, built on the same persistent workers (one DataLoader, no rebuild)."""
+    from functools import partial
+
+    from tarflow_scale.data import loader as loader_module
+
+    built = []
+
+    class CountedDataLoader(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs.get("persistent_workers"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(loader_module.torch.utils.data, "DataLoader", CountedDataLoader)
+    cfg = DataConfig(path=tiny_shards, num_workers=num_workers, shuffle_buffer=10)
+    seeds = [11, 5, 23]
+    segments = make_train_loader(cfg, 4, rank=0, world_size=1, seed=partial(lambda s, e: s[e], seeds))
+    for seed in seeds:
+        reused = iter(segments)
+        fresh = iter(make_train_loader(cfg, 4, rank=0, world_size=1, seed=seed))
+        for _ in range(3):  # fewer batches than the workers prefetch: the rest of the segment is dropped
+            (xa, ya), (xb, yb) = next(reused), next(fresh)
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert built == [num_workers > 0] * (1 + len(seeds))  # the segmented loader once, one per fresh reference
+    first, second = (next(iter(make_train_loader(cfg, 4, rank=0, world_size=1, seed=s))) for s in seeds[:2])
+    assert not torch.equal(first[0], second[0])  # segments differ: the comparison above could fail
+
+
 def _damage_png(key):
     def change(sample):
         if sample["__key__"] == key:

@@ -164,8 +164,8 @@ def test_wheel_holds_one_package_and_every_recipe(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_benchmarks_and_the_sampler_run_without_ray_or_deepspeed():
-    """tools/gpu_session.sh runs the GPU benchmarks on a bare GPU image (torch, no Ray, no DeepSpeed): importing
-    them, and the sampling and evaluation-worker code they call, must not need either."""
+    """The GPU benchmarks run on a bare GPU image (torch, no Ray, no DeepSpeed): importing them, and the sampling
+    and evaluation-worker code they call, must not need either."""
     modules = [
         "tarflow_scale.cli.bench", "tarflow_scale.benchmarks.gpu", "tarflow_scale.benchmarks.sample",
         "tarflow_scale.benchmarks.eval", "tarflow_scale.sampling", "tarflow_scale.evaluation.generate",

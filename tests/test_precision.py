@@ -118,7 +118,7 @@ def test_dry_run_prints_the_resolved_precision(capsys):
 def test_deepspeed_comm_settings_come_from_the_config():
     gpu = build_deepspeed_config(load_config("imagenet64_cond"))["zero_optimization"]
     assert gpu["overlap_comm"] is True and gpu["contiguous_gradients"] is True
-    assert gpu["reduce_bucket_size"] == gpu["allgather_bucket_size"] == 500_000_000
+    assert gpu["reduce_bucket_size"] == gpu["allgather_bucket_size"] == 58_288_152  # derived: tests/test_memory.py
     cpu = build_deepspeed_config(load_config(None, ["deepspeed.reduce_bucket_size=1000"]))["zero_optimization"]
     assert cpu["overlap_comm"] is False and cpu["reduce_bucket_size"] == 1000
     z3 = build_deepspeed_config(load_config(None, ["deepspeed.zero_stage=3", "deepspeed.overlap_comm=true"]))

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from tarflow_scale import atomic
 from tarflow_scale.artifacts import CheckpointError
@@ -212,6 +213,32 @@ def test_repeatable_errors_are_raised_without_retry():
         assert decision == FailureDecision.RAISE, type(error)
     assert policy.make_decision(WorkerGroupError("x", {0: ActorDiedError()})) == FailureDecision.RETRY
     assert policy.make_decision(WorkerGroupError("x", {0: RuntimeError("gloo")})) == FailureDecision.RETRY
+
+
+def test_gpu_out_of_memory_is_not_retried_and_names_the_estimate_and_the_keys():
+    """The same step at the same micro-batch would run out of memory again: raised at once, with the memory
+    estimate it ran at and the keys that change it."""
+    from ray.train import FailureConfig
+    from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from tarflow_scale.config.memory import GIB
+    from tarflow_scale.training.failures import RepeatableErrorPolicy, out_of_memory_error, repeatable_failure
+
+    policy = RepeatableErrorPolicy(FailureConfig(max_failures=5))
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.19 GiB total)")
+    lost_type = RuntimeError("worker raised: CUDA out of memory. Tried to allocate 2.00 MiB")
+    for error in (oom, lost_type):
+        group = WorkerGroupError("x", {0: RuntimeError("collateral"), 3: error})
+        assert policy.make_decision(group) == FailureDecision.RAISE
+        assert repeatable_failure(group) is error
+    config = load_config("imagenet64_density", ["cluster.num_workers=8"])
+    message = str(out_of_memory_error(config, oom))
+    assert f"{config.memory_estimate.peak / GIB:.1f} GiB" in message and "micro-batch 16" in message
+    for key in ("cluster.gpu_memory_gib=80", "train.micro_batch_size", "train.grad_accum_steps",
+                "deepspeed.activation_checkpointing", "deepspeed.zero_stage", "cluster.num_workers"):  # fmt: skip
+        assert key in message, key
+    assert "not retried" in message and "Tried to allocate 20.00 GiB" in message
 
 
 # -- item 10: driver-side errors are one line naming the path, exit code 2, before Ray starts

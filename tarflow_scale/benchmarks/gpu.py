@@ -7,7 +7,8 @@ fp32 and bf16, and exact bits/dim images/s.
     tarflow-bench gpu --config tiny --device cpu --micro-batch 4 --sample-batch 4 --steps 1   # a CPU smoke run
 
 FLOPs are counted by torch's FlopCounterMode on one real training step (forward + backward; activation
-checkpointing's recomputation is not counted, as MFU conventionally excludes it). MFU divides the achieved model
+checkpointing's recomputation is not counted, as MFU conventionally excludes it), with causal attention counted as
+half of the full T x T product (FlashAttention's convention). MFU divides the achieved model
 FLOP/s by the GPU's bf16 dense peak (--peak-tflops, or the datasheet value for a known GPU name); on CPU, or for an
 unknown GPU without --peak-tflops, by a bf16 matmul timed in this process, and the line says so.
 """
@@ -23,27 +24,42 @@ import torch
 
 from tarflow_scale.benchmarks.common import add_device_option, load_suite_config, model_with_live_heads, sync
 from tarflow_scale.benchmarks.eval import PeakMemory
-from tarflow_scale.benchmarks.model import count_train_flops, measure_matmul_peak
+from tarflow_scale.benchmarks.model import FLOP_CONVENTION, count_train_flops, measure_matmul_peak
 from tarflow_scale.config import Decoding, Guidance, TarFlowConfig
 from tarflow_scale.evaluation.bpd import batch_bits_per_dim
 from tarflow_scale.evaluation.generate import generate
 from tarflow_scale.models.tarflow import TarFlow
 from tarflow_scale.training.trainer import apply_precision
 
-# Datasheet bf16 dense (no sparsity) tensor-core peaks, TFLOP/s, matched by substring of the device name.
-BF16_DENSE_PEAK_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.4,
-                          "A100": 312.0, "L40S": 362.05, "A10G": 70.0}  # fmt: skip
+# Datasheet bf16 dense (no sparsity) tensor-core peaks, TFLOP/s: (substring of the device name, model, peak), the
+# first match counts, so the specific names come first. The SXM parts report no form factor ("NVIDIA H100 80GB
+# HBM3", "NVIDIA H200"); the NVL and PCIe cards run lower clocks and power.
+BF16_DENSE_PEAKS = [
+    ("H200 NVL", "H200 NVL", 835.0),
+    ("H200", "H200 SXM", 989.4),
+    ("H100 NVL", "H100 NVL", 835.0),
+    ("H100 PCIe", "H100 PCIe", 756.0),
+    ("H100", "H100 SXM", 989.4),
+    ("A100", "A100", 312.0),
+    ("L40S", "L40S", 362.05),
+    ("A10G", "A10G", 70.0),
+]
+
+
+def datasheet_peak(device_name: str) -> tuple[float, str] | None:
+    """(bf16 dense peak FLOP/s, which part it is taken for) for a CUDA device name, or None if unknown."""
+    for key, part, tflops in BF16_DENSE_PEAKS:
+        if key in device_name:
+            return tflops * 1e12, f"{part} bf16 dense datasheet peak {tflops:g} TFLOP/s (device '{device_name}')"
+    return None
 
 
 def dense_peak(device: torch.device, override: float) -> tuple[float, str]:
     """(FLOP/s, where the figure comes from)."""
     if override:
         return override * 1e12, f"--peak-tflops {override:g}"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in BF16_DENSE_PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12, f"{key} bf16 dense datasheet peak {tflops:g} TFLOP/s"
+    if device.type == "cuda" and (known := datasheet_peak(torch.cuda.get_device_name(device))) is not None:
+        return known
     return measure_matmul_peak(device, torch.bfloat16), "a bf16 matmul timed in this process (no datasheet peak)"
 
 
@@ -177,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         if r:
             row(f"bf16 training, micro-batch {b}", f"{r['images_per_s']:.1f} images/s")
             row(
-                "bf16 MFU (counted FLOPs / bf16 dense peak)",
-                f"{100 * r['flops_per_s'] / peak:.1f}% ({r['flops'] / b / 1e9:.1f} GFLOP/image; peak: {source})",
+                "bf16 MFU (model FLOPs / bf16 dense peak)",
+                f"{100 * r['flops_per_s'] / peak:.1f}% ({r['flops'] / b / 1e9:.1f} GFLOP/image, {FLOP_CONVENTION}; "
+                f"peak: {source})",
             )
             if "memory" in parts:
                 row(f"peak memory, bf16, micro-batch {b}, no activation checkpointing", f"{r['peak']:.0f} {mib}")

@@ -27,7 +27,8 @@ def train_briefly(
     model: TarFlow, data_cfg, steps: int, batch: int, lr: float, seed: int = 0, max_images: int = 1024
 ) -> list[float]:
     """`steps` Adam steps of maximum likelihood on the bundled training images (Gaussian noise data.noise_std), in
-    this process: enough for the weights, hence the Jacobi iteration counts, to look like a trained model's."""
+    this process on the model's device: enough for the weights, hence the Jacobi iteration counts, to look like a
+    trained model's."""
     from tarflow_scale.data import augment, make_eval_loader
 
     batches = []
@@ -35,6 +36,7 @@ def train_briefly(
         batches.append(x)
         if len(batches) * 64 >= max_images:
             break
+    device = next(model.parameters()).device
     images = torch.cat(batches)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -42,7 +44,7 @@ def train_briefly(
     model.train()
     for _ in range(steps):
         rows = torch.randint(0, len(images), (batch,), generator=generator)
-        x = augment(images[rows], data_cfg.noise, data_cfg.noise_std, generator)  # uint8 -> [-1, 1] + noise
+        x = augment(images[rows], data_cfg.noise, data_cfg.noise_std, generator).to(device)  # uint8 -> [-1, 1] + noise
         loss = model.bits_per_dim(x).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         c = config.model
         torch.manual_seed(0)
         model = TarFlow(c)
+    model = model.to(device)  # before the in-process training below: it runs on the device being measured
     print(f"# tarflow-bench sample: {platform.node()} {device} torch {torch.__version__} "
           f"threads={torch.get_num_threads()} precision={args.precision}")  # fmt: skip
     print(f"# model: {c.image_size}px patch {c.patch_size} -> T={c.num_tokens} tokens, {c.num_blocks} blocks x "

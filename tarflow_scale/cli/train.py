@@ -155,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             f"# batch: {config.train.global_batch_size} = {config.cluster.num_workers} workers x micro-batch "
             f"{config.micro_batch_size} x {config.grad_accum_steps} accumulation step(s)"
         )
+        # The estimate sizes the micro-batch on GPUs only (cluster.gpu_memory_gib); on CPU it is for information.
+        fits = f"cluster.gpu_memory_gib={config.cluster.gpu_memory_gib:g}" if config.cluster.use_gpu else None
+        for line in config.memory_estimate.lines(config.cluster.gpu_memory_gib if fits else None):
+            print(f"# {line}")
         return 0
     from tarflow_scale.artifacts import CheckpointError
     from tarflow_scale.data import DataError
@@ -169,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from tarflow_scale.training.cluster import launch
     from tarflow_scale.training.console import ConsoleOptions
+    from tarflow_scale.training.failures import GPUOutOfMemoryError
     from tarflow_scale.training.run_state import RunStopped
 
     try:
@@ -178,7 +183,12 @@ def main(argv: list[str] | None = None) -> int:
             allow_config_change=tuple(args.allow_config_change),
             console=ConsoleOptions(verbose=args.verbose),
         )
-    except (ConfigError, DataError, CheckpointError) as e:  # repeatable: one line naming the key, file or sample
+    except (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        GPUOutOfMemoryError,
+    ) as e:  # repeatable: names the key, file or sample
         print(f"tarflow-train: {e}", file=sys.stderr)
         return 2
     except RunStopped as e:

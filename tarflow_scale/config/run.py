@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
+from .batching import resolve_batching
 from .checks import ConfigError, check_at_least, check_no_nan
+from .memory import MemoryEstimate
 from .models import TarFlowConfig
 from .sampling import Decoding, Guidance
 
@@ -90,20 +92,24 @@ class DeepSpeedConfig:
     # transforms, log-dets and prior stay fp32 (docs/gpu.md).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     tf32: bool = True  # fp32 on GPU: TF32 matmuls (about 7x faster on H100); false: strict fp32
-    activation_checkpointing: bool = False
+    # Recompute each Transformer layer in backward. None: derived on GPU runs, on only where the memory estimate
+    # needs it (docs/gpu.md, "Memory-aware micro-batch"); off on CPU. true/false: as set.
+    activation_checkpointing: bool | None = None
     compile: bool = False
     # Communication (ZeRO 1/2): overlap gradient reduction with backward; None: on with GPUs, off on CPU/gloo.
     overlap_comm: bool | None = None
     contiguous_gradients: bool = True  # copy gradients into one buffer as they are produced (less fragmentation)
-    reduce_bucket_size: int = 500_000_000  # elements reduced per collective (DeepSpeed's default)
-    allgather_bucket_size: int = 500_000_000  # elements gathered per collective after the step (ZeRO 1/2)
+    # Elements per gradient-reduction collective, and per all-gather after the step (ZeRO 1/2). 0: derived from the
+    # model size, 1/8 of the parameters within [5e7, 2e8] (docs/gpu.md), so reduction overlaps the backward pass.
+    reduce_bucket_size: int = 0
+    allgather_bucket_size: int = 0
 
     def validate(self) -> None:
         if self.zero_stage not in (1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage={self.zero_stage} must be 1, 2 or 3")
         for name in ("reduce_bucket_size", "allgather_bucket_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"deepspeed.{name} must be >= 1")
+            if getattr(self, name) < 0:
+                raise ConfigError(f"deepspeed.{name} must be >= 0 (0: derived from the model size)")
 
 
 @dataclass
@@ -113,13 +119,16 @@ class ClusterConfig:
     address: str | None = None  # None: RAY_ADDRESS or an embedded local cluster
     num_workers: int = 2
     use_gpu: bool = False
+    # Memory of each worker's GPU, GiB as the device reports it (H100 80GB: 79.6, H200: 140); with use_gpu, the
+    # derived micro-batch is the largest whose estimated peak fits (docs/gpu.md). Unused on CPU.
+    gpu_memory_gib: float = 80.0
     cpus_per_worker: int = 1
     max_failures: int = 2  # worker-group restarts from the last checkpoint before giving up
 
     def validate(self) -> None:
         if self.num_workers < 1:
             raise ConfigError("cluster.num_workers must be >= 1 (DeepSpeed needs a process group)")
-        check_at_least(self, "cluster", 1, "cpus_per_worker")
+        check_at_least(self, "cluster", 1, "cpus_per_worker", "gpu_memory_gib")
         check_at_least(self, "cluster", -1, "max_failures")  # -1: retry without limit (Ray's convention)
 
 
@@ -130,10 +139,11 @@ class TrainConfig:
     num_steps: int = 200
     global_batch_size: int = 32
     # Per rank per forward pass. 0: derived, global_batch_size / (cluster.num_workers x grad_accum_steps), so a
-    # recipe runs at 8, 16 or 32 workers by changing only cluster.num_workers.
+    # recipe runs at 8, 16 or 32 workers by changing only cluster.num_workers; on GPUs, the largest that fits
+    # cluster.gpu_memory_gib by the memory estimate (docs/gpu.md).
     micro_batch_size: int = 0
-    grad_accum_steps: int = 0  # 0: derived (1, or as many as max_micro_batch_size / micro_batch_size need)
-    max_micro_batch_size: int = 0  # memory cap per GPU when the micro-batch is derived (0: none)
+    grad_accum_steps: int = 0  # 0: derived (the fewest that keep the micro-batch within memory and the cap)
+    max_micro_batch_size: int = 0  # a cap on the derived micro-batch, beside the memory estimate (0: none)
     label_dropout: float = 0.1  # class-conditional only: drop to the null label for guidance
     log_every: int = 10
     checkpoint_every: int = 100
@@ -256,18 +266,28 @@ class RunConfig:
             )
         if self.optim.ema_decay > 0 and self.deepspeed.zero_stage == 3:
             raise ConfigError("optim.ema_decay>0 needs deepspeed.zero_stage<=2 (ZeRO-3 partitions the weights)")
-        resolve_batching(self.train, self.cluster.num_workers)
+        resolve_batching(self)
         return self
 
     @property
     def micro_batch_size(self) -> int:
         """Images per rank per forward pass (train.micro_batch_size, or derived when 0)."""
-        return resolve_batching(self.train, self.cluster.num_workers)[0]
+        return resolve_batching(self).micro_batch_size
 
     @property
     def grad_accum_steps(self) -> int:
         """Micro-batches per optimizer step on each rank (train.grad_accum_steps, or derived when 0)."""
-        return resolve_batching(self.train, self.cluster.num_workers)[1]
+        return resolve_batching(self).grad_accum_steps
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """deepspeed.activation_checkpointing, or derived from the memory estimate when unset."""
+        return resolve_batching(self).activation_checkpointing
+
+    @property
+    def memory_estimate(self) -> MemoryEstimate:
+        """Estimated per-GPU peak of a training step at the resolved batching (config/memory.py)."""
+        return resolve_batching(self).memory
 
 
 def local_run_dir(run_dir: str) -> Path:
@@ -288,47 +308,3 @@ def local_run_dir(run_dir: str) -> Path:
         f"run_dir={run_dir}: {scheme}:// storage is not supported (metrics, samples and the export are written with "
         "file I/O); mount shared storage on every node and give its path, or a file:// URI"
     )
-
-
-def resolve_batching(train: TrainConfig, num_workers: int) -> tuple[int, int]:
-    """(micro-batch per rank, accumulation steps) with micro x workers x accumulation = global batch.
-
-    Values left at 0 are derived; an explicit value is an error only when no derived partner makes the
-    product exact, and the message names the keys at fault.
-    """
-    total, micro, accum = train.global_batch_size, train.micro_batch_size, train.grad_accum_steps
-    cap = train.max_micro_batch_size
-    per_rank, remainder = divmod(total, num_workers)
-    if remainder:
-        raise ConfigError(
-            f"train.global_batch_size={total} is not divisible by cluster.num_workers={num_workers}: every rank "
-            "must see the same number of images per step"
-        )
-    if micro and accum:
-        if micro * accum != per_rank:
-            raise ConfigError(
-                f"train.micro_batch_size={micro} x train.grad_accum_steps={accum} x cluster.num_workers="
-                f"{num_workers} = {micro * accum * num_workers} != train.global_batch_size={total} (set one of "
-                "them to 0 to derive it)"
-            )
-        return micro, accum
-    if micro:
-        if per_rank % micro:
-            raise ConfigError(
-                f"train.micro_batch_size={micro} cannot work with cluster.num_workers={num_workers}: "
-                f"train.global_batch_size={total} gives {per_rank} images per rank, not a multiple of {micro} "
-                "(set train.micro_batch_size=0 to derive it)"
-            )
-        return micro, per_rank // micro
-    if accum:
-        if per_rank % accum:
-            raise ConfigError(
-                f"train.grad_accum_steps={accum} does not divide the {per_rank} images per rank "
-                f"(train.global_batch_size={total} / cluster.num_workers={num_workers})"
-            )
-        return per_rank // accum, accum
-    # Both derived: the fewest accumulation steps that keep the micro-batch within the memory cap.
-    for steps in range(1, per_rank + 1):
-        if per_rank % steps == 0 and (not cap or per_rank // steps <= cap):
-            return per_rank // steps, steps
-    raise AssertionError("unreachable: steps = per_rank gives a micro-batch of 1")

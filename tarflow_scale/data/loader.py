@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -134,14 +136,37 @@ class _SkipCounter:
 
 
 class _TrainStream(torch.utils.data.IterableDataset):
-    """The per-worker training pipeline; every random choice comes from (seed parts, worker id)."""
+    """The per-worker training pipeline; every random choice comes from (seed parts, worker id).
 
-    def __init__(self, cfg: DataConfig, urls: list[str], manifest: Manifest, batch_size: int, seed_parts: tuple):
+    Each iteration is the next segment of the stream: segment e is seeded by `segment_seed(e)` (the seed parts'
+    second entry; None keeps it for every segment). The object lives on in its worker process (persistent
+    DataLoader workers), which counts the segments and fills segment e + 1's shuffle buffer in a background thread
+    while segment e is read, so a new segment starts without a stall.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        urls: list[str],
+        manifest: Manifest,
+        batch_size: int,
+        seed_parts: tuple,
+        segment_seed: Callable[[int], int] | None = None,
+    ):
         super().__init__()
         self.cfg, self.urls, self.batch_size, self.seed_parts = cfg, urls, batch_size, seed_parts
+        self.segment_seed = segment_seed
         self.decode = _Decode(manifest.channels, manifest.image_size, manifest.num_classes)
         self.out_size = _output_size(cfg, manifest)
         self.expected = dict(zip(urls, manifest.samples_per_shard))
+        self._next_segment = 0  # per process: each worker (or the main process, without workers) counts its own
+        self._prepared: tuple[int, Future] | None = None  # (segment, its batches with the first made), filled ahead
+        self._filler: ThreadPoolExecutor | None = None  # made in the process that reads the stream
+
+    def _seed_parts(self, segment: int) -> tuple:
+        if self.segment_seed is None:
+            return self.seed_parts
+        return (self.seed_parts[0], self.segment_seed(segment), *self.seed_parts[2:])
 
     def _counted_samples(self, shards: Iterator[dict[str, str]], counter: _SkipCounter) -> Iterator[dict]:
         """Each shard's samples, counted against the manifest: garbage inside a tar ends Python's tar reader
@@ -165,8 +190,23 @@ class _TrainStream(torch.utils.data.IterableDataset):
                 )
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, int, str]]:
+        segment, self._next_segment = self._next_segment, self._next_segment + 1
+        prepared, self._prepared = self._prepared, None
+        batches = prepared[1].result() if prepared and prepared[0] == segment else self._segment(segment)
+        if self.segment_seed is not None:  # the next segment's shuffle buffer fills while this one is read
+            if self._filler is None:
+                self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shuffle-buffer")
+            self._prepared = (segment + 1, self._filler.submit(self._primed, segment + 1))
+        yield from batches
+
+    def _primed(self, segment: int) -> Iterator[tuple[Tensor, Tensor, int, str]]:
+        """A segment's batches with the first one already made (its shuffle buffer filled)."""
+        batches = self._segment(segment)
+        return itertools.chain([next(batches)], batches)
+
+    def _segment(self, segment: int) -> Iterator[tuple[Tensor, Tensor, int, str]]:
         info = torch.utils.data.get_worker_info()
-        base = derive_seed(*self.seed_parts, info.id if info is not None else 0)
+        base = derive_seed(*self._seed_parts(segment), info.id if info is not None else 0)
         counter = _SkipCounter(self.cfg.max_corrupt_in_a_row)
         stages = [
             # Shards drawn with replacement, endlessly: no epoch boundary at which ranks must agree.
@@ -194,14 +234,22 @@ class _TrainStream(torch.utils.data.IterableDataset):
 
 
 class TrainLoader:
-    """Endless (images uint8 (B, C, H, W), labels int64 (B,)) batches for one rank; see make_train_loader."""
+    """Endless (images uint8 (B, C, H, W), labels int64 (B,)) batches for one rank; see make_train_loader.
+
+    Each `iter()` starts the next segment of the stream on the same DataLoader worker processes (persistent):
+    nothing is rebuilt between segments.
+    """
 
     def __init__(self, stream: _TrainStream, num_workers: int, stats: DataStats | None, manifest: Manifest):
         self.stream, self.num_workers, self.stats, self.manifest = stream, num_workers, stats, manifest
+        self._loader: torch.utils.data.DataLoader | None = None
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        loader = wds.WebLoader(self.stream, batch_size=None, num_workers=self.num_workers)
-        for images, labels, skipped, last_error in loader:
+        if self._loader is None:
+            self._loader = torch.utils.data.DataLoader(
+                self.stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
+            )
+        for images, labels, skipped, last_error in self._loader:
             if self.stats is not None:
                 self.stats.batches += 1
                 self.stats.samples += len(labels)
@@ -216,7 +264,7 @@ def make_train_loader(
     batch_size: int,
     rank: int,
     world_size: int,
-    seed: int,
+    seed: int | Callable[[int], int],
     stats: DataStats | None = None,
 ) -> TrainLoader:
     """Endless training batches for `rank`: shards resampled with replacement, a shuffle buffer, random
@@ -225,15 +273,20 @@ def make_train_loader(
 
     Deterministic: the same (cfg, rank, world_size, seed) gives the same batch sequence each time it is
     iterated, with cfg.num_workers worker processes too (each worker builds whole batches and the DataLoader
-    takes them round-robin); a different rank, seed or num_workers gives a different stream. A corrupt sample
-    or shard is skipped with a warning and counted in `stats.skipped`.
+    takes them round-robin); a different rank, seed or num_workers gives a different stream. With `seed` a
+    function, the e-th iteration (segment e, counting from 0) is the stream seeded by seed(e), equal to a fresh
+    loader's with that seed, and is prepared while segment e - 1 is read. A corrupt sample or shard is skipped
+    with a warning and counted in `stats.skipped`.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     root = resolve_data_path(cfg)
     manifest = read_manifest(root, cfg.train_split)
     urls = [join(root, shard) for shard in manifest.shards]
-    stream = _TrainStream(cfg, urls, manifest, batch_size, (cfg.seed, seed, rank, world_size))
+    if callable(seed):
+        stream = _TrainStream(cfg, urls, manifest, batch_size, (cfg.seed, seed(0), rank, world_size), seed)
+    else:
+        stream = _TrainStream(cfg, urls, manifest, batch_size, (cfg.seed, seed, rank, world_size))
     return TrainLoader(stream, cfg.num_workers, stats, manifest)
 
 

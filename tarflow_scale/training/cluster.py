@@ -122,7 +122,8 @@ def launch(
 
     Everything that would fail the same way in every worker is checked here first (config, data, run_dir, the
     config and world size of the checkpoint it resumes from). Raises RunStopped after a SIGINT/SIGTERM stop, and a
-    repeatable worker error (ConfigError, DataError, ...) as itself, unretried. At the end the trainer writes
+    repeatable worker error (ConfigError, DataError, ...) as itself, unretried (a GPU out-of-memory as
+    GPUOutOfMemoryError, naming the memory estimate and the keys to change). At the end the trainer writes
     `run_dir/model.safetensors` from the live weights.
     """
     console = console or ConsoleOptions()
@@ -138,7 +139,7 @@ def launch(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
 
-    from .failures import ReliableTorchTrainer, repeatable_failure
+    from .failures import ReliableTorchTrainer, is_out_of_memory, out_of_memory_error, repeatable_failure
     from .run_state import RunStopped, check_resume, clear_stop, record_config, repair_ray_snapshot, stop_requested
     from .trainer import FAULT_AT_STEP_ENV, train_worker
 
@@ -188,6 +189,8 @@ def launch(
         result = trainer.fit()
     except Exception as e:
         cause = repeatable_failure(e)
+        if cause is not None and is_out_of_memory(cause):
+            raise out_of_memory_error(config, cause) from None
         if cause is not None:  # the worker's own error, not Ray's wrapper: it names the key, file or sample
             raise cause from None
         raise

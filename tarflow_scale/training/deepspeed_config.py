@@ -1,27 +1,20 @@
 """Generate the DeepSpeed JSON config from the typed run config (never keep a hand-written second copy), and
-resolve the precision policy (docs/gpu.md)."""
+describe the precision policy (docs/gpu.md; resolved by config.batching.resolve_precision)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ..config import RunConfig
+from ..config.batching import resolve_bucket_sizes, resolve_overlap_comm, resolve_precision
+
+__all__ = ["build_deepspeed_config", "describe_precision", "precision_warning", "resolve_precision"]
 
 UNIFORM_BF16_WARNING = (
     "deepspeed.precision=bf16 with data.noise=uniform: the Transformer sees the dequantized input rounded to bf16 "
     "(about 3 distinct values per 8-bit bin), so the logged bits/dim is not a valid bound; use "
     "deepspeed.precision=fp32 (or auto) for density estimation"
 )
-
-
-def resolve_precision(config: RunConfig) -> str:
-    """'auto' means fp32 on CPU and for uniform dequantization (a bits/dim bound needs the input's resolution),
-    bf16 otherwise. fp32 on GPU runs TF32 matmuls unless deepspeed.tf32=false."""
-    if config.deepspeed.precision == "auto":
-        if not config.cluster.use_gpu or config.data.noise == "uniform":
-            return "fp32"
-        return "bf16"
-    return config.deepspeed.precision
 
 
 def precision_warning(config: RunConfig) -> str | None:
@@ -57,15 +50,15 @@ def build_deepspeed_config(config: RunConfig) -> dict[str, Any]:
     and the optimizer state are fp32, so the module's weights are the fp32 master weights.
     """
     opt, train, ds = config.optim, config.train, config.deepspeed
-    overlap = config.cluster.use_gpu if ds.overlap_comm is None else ds.overlap_comm
+    reduce_bucket, allgather_bucket = resolve_bucket_sizes(config)  # derived from the model size unless set
     zero: dict[str, Any] = {
         "stage": ds.zero_stage,
-        "overlap_comm": overlap,
+        "overlap_comm": resolve_overlap_comm(config),
         "contiguous_gradients": ds.contiguous_gradients,
-        "reduce_bucket_size": ds.reduce_bucket_size,
+        "reduce_bucket_size": reduce_bucket,
     }
     if ds.zero_stage < 3:
-        zero["allgather_bucket_size"] = ds.allgather_bucket_size
+        zero["allgather_bucket_size"] = allgather_bucket
     return {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": config.micro_batch_size,

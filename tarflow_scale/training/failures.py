@@ -1,10 +1,10 @@
 """Which training failures Ray retries, and what Ctrl-C does: a TorchTrainer with our failure policy and stop handler.
 
 Ray Train V2 retries every worker-group failure up to `FailureConfig.max_failures`. A bad config, bad data, a
-damaged checkpoint or diverged weights fail identically on every retry, so retrying only wastes the cluster and
-buries the message: `RepeatableErrorPolicy` raises those at once and keeps Ray's own accounting for the rest
-(process and node deaths, preemptions). Ray 2.60 has no public hook for a policy, so `ReliableTorchTrainer` swaps it
-in at `_initialize_and_run_controller` (pinned by tests/test_reliability.py).
+damaged checkpoint, diverged weights or a step that does not fit in GPU memory fail identically on every retry, so
+retrying only wastes the cluster and buries the message: `RepeatableErrorPolicy` raises those at once and keeps
+Ray's own accounting for the rest (process and node deaths, preemptions). Ray 2.60 has no public hook for a policy,
+so `ReliableTorchTrainer` swaps it in at `_initialize_and_run_controller` (pinned by tests/test_reliability.py).
 """
 
 from __future__ import annotations
@@ -14,30 +14,58 @@ import sys
 import threading
 from pathlib import Path
 
+import torch
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
 from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 from ray.train.v2.api.exceptions import WorkerGroupError
 
 from ..artifacts.weights import CheckpointError
-from ..config import ConfigError
+from ..config import ConfigError, RunConfig
+from ..config.memory import GIB, usable_bytes
 from ..data import DataError
 from .run_state import request_stop
+
+
+class GPUOutOfMemoryError(RuntimeError):
+    """A worker ran out of GPU memory: the same step at the same micro-batch would again, so it is not retried."""
 
 
 def repeatable_errors() -> tuple[type[BaseException], ...]:
     from .trainer import NonFiniteLossError
 
-    return (ConfigError, DataError, CheckpointError, NonFiniteLossError)
+    return (ConfigError, DataError, CheckpointError, NonFiniteLossError, torch.OutOfMemoryError)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's OutOfMemoryError (torch.cuda.OutOfMemoryError is the same class), or its message where a wrapper
+    lost the type."""
+    return isinstance(error, torch.OutOfMemoryError) or "CUDA out of memory" in str(error)
 
 
 def repeatable_failure(error: BaseException) -> BaseException | None:
     """The first worker error that would repeat on a retry, or None when every failure is worth a retry."""
     if isinstance(error, WorkerGroupError):
         for failure in error.worker_failures.values():
-            if isinstance(failure, repeatable_errors()):
+            if isinstance(failure, repeatable_errors()) or is_out_of_memory(failure):
                 return failure
     return None
+
+
+def out_of_memory_error(config: RunConfig, error: BaseException) -> GPUOutOfMemoryError:
+    """The driver's one-paragraph report of a worker's OOM: the memory estimate it ran at and the keys to change."""
+    memory = config.memory_estimate
+    how = "with" if memory.activation_checkpointing else "without"
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return GPUOutOfMemoryError(
+        f"a worker ran out of GPU memory (not retried: it would repeat) at micro-batch {memory.micro_batch_size} "
+        f"{how} activation checkpointing; the estimated peak was {memory.peak / GIB:.1f} GiB of the "
+        f"{usable_bytes(config.cluster.gpu_memory_gib) / GIB:.1f} GiB usable of cluster.gpu_memory_gib="
+        f"{config.cluster.gpu_memory_gib:g} (`tarflow-train --dry-run` prints the breakdown). If the GPUs have less "
+        "memory free than that, lower cluster.gpu_memory_gib (the micro-batch is then derived smaller); otherwise "
+        "lower train.micro_batch_size (or raise train.grad_accum_steps), set deepspeed.activation_checkpointing=true, "
+        f"deepspeed.zero_stage=3 or more cluster.num_workers. The worker said: {first_line}"
+    )
 
 
 class RepeatableErrorPolicy(DefaultFailurePolicy):

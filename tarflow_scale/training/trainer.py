@@ -1,7 +1,8 @@
 """The per-worker training loop: this rank's data stream feeding a DeepSpeed ZeRO engine, run by Ray Train.
 
 Determinism (so a resumed run reproduces an uninterrupted one step by step): model init is seeded identically
-on every rank; the data loader is re-created at every checkpoint boundary with a seed derived from the step;
+on every rank; the data stream restarts at every checkpoint boundary with a seed derived from the step (on the
+same loader: its workers persist and prepare the next segment ahead);
 noise and label dropout draw from generators seeded by (seed, step, micro-batch, rank); DeepSpeed checkpoints
 the optimizer and our lr scheduler.
 """
@@ -87,6 +88,31 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         for key, value in strip_wrapper_prefixes(model.state_dict()).items():
             self.shadow[key].lerp_(value.float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def load(self, path: Path) -> None:
+        """Restore the shadow from a checkpoint's EMA file, copied into the live shadow tensors: they stay on the
+        weights' device in fp32 (safetensors loads onto the CPU, and `update` lerps them with the live weights)."""
+        from safetensors.torch import load_file
+
+        loaded = load_file(str(path))
+        if loaded.keys() != self.shadow.keys():
+            missing, unexpected = sorted(self.shadow.keys() - loaded.keys()), sorted(loaded.keys() - self.shadow.keys())
+            raise CheckpointError(
+                f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        for key, value in loaded.items():
+            if value.shape != self.shadow[key].shape:
+                raise CheckpointError(
+                    f"{path}: {key} has shape {tuple(value.shape)}, the model's is {tuple(self.shadow[key].shape)}"
+                )
+            self.shadow[key].copy_(value)
+
+
+def segment_seed(seed: int, first_step: int, checkpoint_every: int, segment: int) -> int:
+    """Data seed of a launch's segment-th stream segment: the one starting at checkpoint boundary
+    first_step + segment x checkpoint_every (first_step: the launch's first boundary, its data_start)."""
+    return derive_seed(seed, "data", first_step + segment * checkpoint_every)
 
 
 @dataclass
@@ -295,9 +321,7 @@ def _resume(engine, config: RunConfig, ema: EMA | None, world: int) -> tuple[Loo
         if load_path is None:  # DeepSpeed only warns when `latest` is missing
             raise CheckpointError(f"checkpoint {directory} holds no DeepSpeed engine state ('latest' missing)")
         if ema is not None and (Path(directory) / EMA_FILE).is_file():
-            from safetensors.torch import load_file
-
-            ema.shadow = load_file(str(Path(directory) / EMA_FILE))
+            ema.load(Path(directory) / EMA_FILE)
     step = client_state["step"]
     state = LoopState(
         step=step,
@@ -333,7 +357,7 @@ def train_worker(config_dict: dict) -> None:
         emit(describe_precision(config))
         if precision_warning(config):
             emit(f"WARNING: {precision_warning(config)}")
-    if config.deepspeed.activation_checkpointing:
+    if config.activation_checkpointing:  # as set, or derived from the memory estimate (config/memory.py)
         apply_activation_checkpointing(model)
     with held_stdout(console):  # DeepSpeed prints op-build notices unconditionally
         engine, _, _, scheduler = deepspeed.initialize(
@@ -354,7 +378,7 @@ def train_worker(config_dict: dict) -> None:
     stats = DataStats()
     num_dims = config.model.num_dims
     conditional = config.model.num_classes > 0
-    loader, last_metrics = None, {}
+    stream, loader, last_metrics = None, None, {}
     # Loss terms accumulate on the device: reading them every micro-step would sync the GPU each time.
     window = {"loss": 0.0, "prior_nll": 0.0, "log_det": 0.0, "count": 0, "start": time.time(), "images": 0}
 
@@ -364,8 +388,11 @@ def train_worker(config_dict: dict) -> None:
             # boundaries (after a stop request) replays the stream from its boundary up to where it stopped.
             if state.step % train.checkpoint_every == 0:
                 state.data_start, state.batches_drawn = state.step, 0
-            seed = derive_seed(train.seed, "data", state.data_start)
-            loader = iter(make_train_loader(data, config.micro_batch_size, rank, world, seed, stats))
+            if stream is None:  # one loader per launch: each later boundary starts its next segment, on the same
+                # worker processes, whose shuffle buffers filled while the previous segment was read
+                seeds = partial(segment_seed, train.seed, state.data_start, train.checkpoint_every)
+                stream = make_train_loader(data, config.micro_batch_size, rank, world, seeds, stats)
+            loader = iter(stream)  # the segment starting at state.data_start
             for _ in range(state.batches_drawn):
                 next(loader)
         _maybe_inject_fault(config, state.step, rank, world)

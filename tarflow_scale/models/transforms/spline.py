@@ -90,7 +90,9 @@ class RationalQuadraticSplineTransform(TokenTransform):
         K, B = self.num_bins, self.bound
         # Widths and heights go through identical ops, so equal logits give bitwise equal knots in x and z.
         probs = torch.softmax(params[..., : 2 * K].unflatten(-1, (2, K)), dim=-1)  # (..., D, 2, K)
-        min_size = params.new_tensor([[self.min_bin_width], [self.min_bin_height]])  # (2, 1)
+        # Filled on the device, not copied from host data: a host-to-device copy at every token step would sync the
+        # GPU and is refused inside CUDA-graph capture.
+        min_size = torch.stack([params.new_full((1,), self.min_bin_width), params.new_full((1,), self.min_bin_height)])
         # 1/K + (1 - K m)(p - 1/K) rather than m + (1 - K m) p: equal logits give exactly 1/K whatever m.
         sizes = 1.0 / K + (1.0 - K * min_size) * (probs - 1.0 / K)
         inner = B * (2.0 * torch.cumsum(sizes[..., :-1], dim=-1) - 1.0)  # (..., D, 2, K - 1)
