@@ -11,7 +11,7 @@ from typing import Any
 
 from ..checkpoint import EXPORT_NAME, checkpoint_step, complete_checkpoints
 from ..config import ConfigError, RunConfig, local_run_dir, to_dict
-from ..data import check_shard_sizes, read_manifest, resolve_data_path
+from ..data import check_first_sample, check_shard_sizes, read_manifest, resolve_data_path
 from .console import (
     ConsoleOptions,
     TrainingProgress,
@@ -70,6 +70,7 @@ def check_data_matches_model(config: RunConfig) -> None:
         raise ConfigError(
             f"model.num_classes={model.num_classes} but data.path={config.data.path} has {manifest.num_classes} classes"
         )
+    check_first_sample(config.data.path, manifest)  # a split in a form the loaders refuse (16-bit, alpha) fails here
 
 
 def init_ray(address: str | None, console: ConsoleOptions | None = None) -> None:
