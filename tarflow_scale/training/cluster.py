@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..capacity import WorkerRequest, wait_for_capacity
 from ..checkpoint import EXPORT_NAME, checkpoint_step, complete_checkpoints
 from ..config import ConfigError, RunConfig, local_run_dir, to_dict
 from ..data import check_first_sample, check_shard_sizes, read_manifest, resolve_data_path
+from ..run_lock import OutputDirError, lock_output_dir
 from .console import (
     ConsoleOptions,
     TrainingProgress,
@@ -94,16 +96,19 @@ def init_ray(address: str | None, console: ConsoleOptions | None = None) -> None
     )
 
 
-def prepare_run_dir(run_dir: Path) -> None:
-    """Create run_dir and prove it writable before any worker starts (ConfigError naming it otherwise)."""
-    from .. import atomic
+def wait_for_workers(request: WorkerRequest, config: RunConfig) -> None:
+    """Refuse (or, with cluster.autoscale, wait for) a worker group the cluster cannot hold: Ray would wait forever."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
 
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(run_dir / ".write_test", "ok\n")
-        (run_dir / ".write_test").unlink()
-    except OSError as e:
-        raise ConfigError(f"run_dir={run_dir} is not writable: {e.strerror or e}") from None
+    wait_for_capacity(
+        request,
+        lambda: [node["Resources"] for node in ray.nodes() if node["Alive"]],
+        autoscale=config.cluster.autoscale,
+        timeout_s=config.cluster.startup_timeout_s,
+        request_resources=lambda bundles: request_resources(bundles=bundles),
+        say=_say,
+    )
 
 
 def _say(message: str) -> None:
@@ -132,22 +137,42 @@ def launch(
     done = finished_step(config)
     if done is not None:
         return LaunchOutcome(run_dir, True, done, done, 0.0)
+    config.data.path = resolve_data_path(config.data, announce=_say)
+    check_data_matches_model(config)
+    # One launch per run_dir (a second would report the first's progress as its own and rewrite the export); a lock
+    # left by a killed driver on this host is taken over, so re-running a crashed command resumes.
+    with lock_output_dir(run_dir, f"run_dir={run_dir}"):
+        return _launch_locked(config, run_dir, address, allow_config_change, console)
+
+
+def _launch_locked(
+    config: RunConfig,
+    run_dir: Path,
+    address: str | None,
+    allow_config_change: tuple[str, ...],
+    console: ConsoleOptions,
+) -> LaunchOutcome:
     previous = checkpoint_steps(run_dir)
     start_step = previous[-1] if previous else 0
 
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
 
-    from .failures import ReliableTorchTrainer, repeatable_failure
-    from .run_state import RunStopped, check_resume, clear_stop, record_config, repair_ray_snapshot, stop_requested
+    from .failures import ReliableTorchTrainer, repeatable_failure, storage_failure
+    from .run_state import (
+        RunAborted,
+        RunStopped,
+        check_resume,
+        clear_stop,
+        record_config,
+        repair_ray_snapshot,
+        stop_requested,
+    )
     from .trainer import train_worker
 
-    config.data.path = resolve_data_path(config.data, announce=_say)
-    check_data_matches_model(config)
     plan = check_resume(config, tuple(allow_config_change))
     for key, (old, new) in plan.allowed_changes.items():
         _say(f"tarflow-train: config change on resume: {key}: {old!r} -> {new!r}")
-    prepare_run_dir(run_dir)
     repair_ray_snapshot(run_dir)
     clear_stop(run_dir)
     record_config(config, plan)
@@ -161,6 +186,7 @@ def launch(
     resources = {"CPU": config.cluster.cpus_per_worker}
     if config.cluster.use_gpu:
         resources["GPU"] = 1
+    wait_for_workers(WorkerRequest("training", config.cluster.num_workers, resources), config)
     trainer = ReliableTorchTrainer(
         train_worker,
         stop_dir=run_dir,
@@ -183,10 +209,21 @@ def launch(
     started = time.time()
     try:
         result = trainer.fit()
+    except RunAborted as e:
+        done = complete_checkpoints(run_dir)
+        raise RunAborted(e.signal_name, done[-1] if done else None) from None
     except Exception as e:
         cause = repeatable_failure(e)
         if cause is not None:  # the worker's own error, not Ray's wrapper: it names the key, file or sample
             raise cause from None
+        full = storage_failure(e)
+        if full is not None:  # retried up to cluster.max_failures (space may be freed meanwhile), then reported
+            done = complete_checkpoints(run_dir, warn=False)
+            resume = f"it resumes from {done[-1].name}" if done else "it starts again from step 0"
+            raise OutputDirError(
+                f"run_dir={run_dir}: a worker could not write ({full}). Free space (or fix the permissions) and "
+                f"re-run the same command: {resume}"
+            ) from None
         raise
     finally:
         if progress is not None:

@@ -9,6 +9,8 @@ in at `_initialize_and_run_controller` (pinned by tests/test_reliability_ray.py)
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
 import sys
 import threading
@@ -22,7 +24,7 @@ from ray.train.v2.api.exceptions import WorkerGroupError
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..data import DataError
-from .run_state import request_stop
+from .run_state import RunAborted, request_stop
 
 
 def repeatable_errors() -> tuple[type[BaseException], ...]:
@@ -40,6 +42,22 @@ def repeatable_failure(error: BaseException) -> BaseException | None:
     return None
 
 
+# A worker's file-system error the user must act on (free space, fix permissions); Ray retries it like a process death.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+def storage_failure(error: BaseException) -> str | None:
+    """`[Errno 28] No space left on device: '/runs/x/...'` when a worker failed on a full or read-only disk."""
+    if isinstance(error, WorkerGroupError):
+        for failure in error.worker_failures.values():
+            cause = getattr(failure, "cause", failure)  # Ray's RayTaskError keeps the worker's exception here
+            for candidate in (failure, cause):
+                if isinstance(candidate, OSError) and candidate.errno in STORAGE_ERRNOS:
+                    where = f": {candidate.filename!r}" if candidate.filename else ""
+                    return f"[Errno {candidate.errno}] {candidate.strerror or os.strerror(candidate.errno)}{where}"
+    return None
+
+
 class RepeatableErrorPolicy(DefaultFailurePolicy):
     """Ray's default policy, except that errors which will repeat are raised without a retry."""
 
@@ -53,13 +71,17 @@ class ReliableTorchTrainer(TorchTrainer):
     """TorchTrainer that never retries repeatable errors and turns SIGINT/SIGTERM into a clean stop.
 
     First signal: write the stop request into run_dir; the workers agree on it at the next step boundary, write
-    a final complete checkpoint and return. Second signal: Ray's own abort (the workers are torn down).
+    a final complete checkpoint and return. Second signal: abort the run through Ray's controller (the workers are
+    torn down, no final checkpoint) and raise RunAborted; a third stops waiting for the abort.
     """
+
+    ABORT_TIMEOUT_S = 30.0  # how long the second signal waits for Ray's controller to tear the workers down
 
     def __init__(self, *args, stop_dir: str | Path, **kwargs):
         super().__init__(*args, **kwargs)
         self._stop_dir = Path(stop_dir)
         self.stop_signal: int | None = None
+        self._aborting = False
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         controller_init_kwargs["failure_policy"] = RepeatableErrorPolicy(self.run_config.failure_config)
@@ -73,9 +95,9 @@ class ReliableTorchTrainer(TorchTrainer):
 
     def _register_sigint_handler(self, controller) -> None:
         def handler(signum, frame):
+            name = signal.Signals(signum).name
             if self.stop_signal is None:
                 self.stop_signal = signum
-                name = signal.Signals(signum).name
                 request_stop(self._stop_dir, f"{name} on the driver")
                 sys.stderr.write(
                     f"tarflow-train: {name} received: stopping at the next step boundary after a final checkpoint "
@@ -83,8 +105,22 @@ class ReliableTorchTrainer(TorchTrainer):
                 )
                 sys.stderr.flush()
                 return
-            super(ReliableTorchTrainer, self)._register_sigint_handler(controller)  # Ray's abort from now on
-            signal.getsignal(signal.SIGINT)(signal.SIGINT, frame)
+            if not self._aborting:  # the second signal; a third (during the abort) only stops the waiting
+                self._aborting = True
+                sys.stderr.write(f"tarflow-train: second {name}: aborting without a final checkpoint...\n")
+                sys.stderr.flush()
+                self._abort(controller)
+            # Raised in the main thread, out of its wait for the controller: launch() reports it in one line.
+            raise RunAborted(name)
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+
+    def _abort(self, controller) -> None:
+        """Ray's own abort: the controller tears the worker group down and exits (so the call may fail)."""
+        import ray
+
+        try:
+            ray.get(controller.abort.remote(), timeout=self.ABORT_TIMEOUT_S)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
