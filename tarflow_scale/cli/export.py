@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # OUT on a full or read-only disk, or a file where a folder should be
         if not is_storage_error(e):
             raise
-        print(f"tarflow-export: cannot write {args.out}: {storage_error_line(e)}", file=sys.stderr)
+        print(f"tarflow-export: {storage_error_line(e)}", file=sys.stderr)
         return 2
     if args.format == "dir":
         print(f"wrote {path}/ (config.json, model.safetensors, README.md)")
