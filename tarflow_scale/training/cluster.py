@@ -209,10 +209,10 @@ def _launch_locked(
     started = time.time()
     try:
         result = trainer.fit()
-    except RunAborted as e:
-        done = complete_checkpoints(run_dir)
-        raise RunAborted(e.signal_name, done[-1] if done else None) from None
     except Exception as e:
+        if trainer.aborted_by is not None:  # a second Ctrl-C: Ray's controller exited, ending fit() with its error
+            done = complete_checkpoints(run_dir)
+            raise RunAborted(trainer.aborted_by, done[-1] if done else None) from None
         cause = repeatable_failure(e)
         if cause is not None:  # the worker's own error, not Ray's wrapper: it names the key, file or sample
             raise cause from None

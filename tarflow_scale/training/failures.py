@@ -24,7 +24,7 @@ from ray.train.v2.api.exceptions import WorkerGroupError
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..data import DataError
-from .run_state import RunAborted, request_stop
+from .run_state import request_stop
 
 
 def repeatable_errors() -> tuple[type[BaseException], ...]:
@@ -58,6 +58,11 @@ def storage_failure(error: BaseException) -> str | None:
     return None
 
 
+def _say(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 class RepeatableErrorPolicy(DefaultFailurePolicy):
     """Ray's default policy, except that errors which will repeat are raised without a retry."""
 
@@ -72,7 +77,7 @@ class ReliableTorchTrainer(TorchTrainer):
 
     First signal: write the stop request into run_dir; the workers agree on it at the next step boundary, write
     a final complete checkpoint and return. Second signal: abort the run through Ray's controller (the workers are
-    torn down, no final checkpoint) and raise RunAborted; a third stops waiting for the abort.
+    torn down, no final checkpoint; `aborted_by` says so, and launch() raises RunAborted). A third exits at once.
     """
 
     ABORT_TIMEOUT_S = 30.0  # how long the second signal waits for Ray's controller to tear the workers down
@@ -81,7 +86,7 @@ class ReliableTorchTrainer(TorchTrainer):
         super().__init__(*args, **kwargs)
         self._stop_dir = Path(stop_dir)
         self.stop_signal: int | None = None
-        self._aborting = False
+        self.aborted_by: str | None = None  # the signal that aborted the run (the second one), if any
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         controller_init_kwargs["failure_policy"] = RepeatableErrorPolicy(self.run_config.failure_config)
@@ -99,19 +104,19 @@ class ReliableTorchTrainer(TorchTrainer):
             if self.stop_signal is None:
                 self.stop_signal = signum
                 request_stop(self._stop_dir, f"{name} on the driver")
-                sys.stderr.write(
+                _say(
                     f"tarflow-train: {name} received: stopping at the next step boundary after a final checkpoint "
-                    "(send it again to abort without one)\n"
+                    "(send it again to abort without one)"
                 )
-                sys.stderr.flush()
-                return
-            if not self._aborting:  # the second signal; a third (during the abort) only stops the waiting
-                self._aborting = True
-                sys.stderr.write(f"tarflow-train: second {name}: aborting without a final checkpoint...\n")
-                sys.stderr.flush()
+            elif self.aborted_by is None:
+                # Nothing is raised here: an exception thrown into Ray's wait for the controller surfaces as a
+                # SystemError from Ray's C code. The controller's exit ends that wait, and launch() reports it.
+                self.aborted_by = name
+                _say(f"tarflow-train: second {name}: aborting without a final checkpoint...")
                 self._abort(controller)
-            # Raised in the main thread, out of its wait for the controller: launch() reports it in one line.
-            raise RunAborted(name)
+            else:  # a third while the abort runs: leave now (the next launch takes over the run_dir lock)
+                _say(f"tarflow-train: third {name}: exiting at once; Ray's processes end with this one")
+                os._exit(130)
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
