@@ -4,6 +4,8 @@ first-sample check a run makes before its workers start."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 import webdataset as wds
 
@@ -39,16 +41,22 @@ def verify(root: str, manifest: Manifest, deep: bool = False) -> list[str]:
     return problems
 
 
+def _samples(stream: BinaryIO, path: str) -> Iterator[dict[str, Any]]:
+    """The samples of an open shard, as the loaders group them (`__key__`, `__url__`, one entry per field)."""
+    return wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"url": path, "stream": stream}]))
+
+
 def _sample_problems(path: str, expected: int, decoder: SampleDecoder) -> list[str]:
     problems, found, key = [], 0, None
     try:
-        for sample in wds.tarfile_samples([{"url": path}]):
-            key = sample["__key__"]
-            found += 1
-            try:
-                decoder(sample)
-            except DataError as e:
-                problems.append(str(e))
+        with open(path, "rb") as stream:
+            for sample in _samples(stream, path):
+                key = sample["__key__"]
+                found += 1
+                try:
+                    decoder(sample)
+                except DataError as e:
+                    problems.append(str(e))
     except Exception as e:  # the tar reader's own errors: the rest of the shard is unreadable
         where = f"after sample {key!r}" if key is not None else "before its first sample"
         problems.append(f"{path}: unreadable tar {where} ({type(e).__name__}: {e})")
@@ -69,13 +77,11 @@ def check_first_sample(root: str, manifest: Manifest) -> None:
         return
     path = join(root, manifest.shards[0])
     decoder = SampleDecoder(manifest.channels, manifest.image_size, manifest.num_classes)
-    samples = iter(wds.tarfile_samples([{"url": path}]))
     try:
-        sample = next(samples, None)
+        with open(path, "rb") as stream:
+            sample = next(_samples(stream, path), None)
     except Exception as e:
         raise DataError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
-    finally:
-        getattr(samples, "close", lambda: None)()  # closes the shard file now, not at garbage collection
     if sample is None:
         raise DataError(f"{path}: holds no samples, the manifest says {manifest.samples_per_shard[0]}")
     decoder(sample)
