@@ -140,7 +140,10 @@ class WorkerPool:
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayTaskError as e:
-                raise e.as_instanceof_cause() from None  # the worker's own exception type (DataError, FidError, ...)
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, Exception) and type(cause).__module__.startswith("tarflow_scale."):
+                    raise cause from None  # ours (DataError, FidError, ...): its message names the culprit, one line
+                raise e.as_instanceof_cause() from None  # anything else keeps the worker's traceback
             except ray.exceptions.RayActorError as e:  # the process or its node is gone: redo its item elsewhere
                 print(f"[{method}] an evaluation worker was lost ({type(e).__name__}); redoing its unit", flush=True)
                 queue.appendleft(i)
