@@ -114,9 +114,10 @@ class ClusterConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 1
     max_failures: int = 2  # worker-group restarts from the last checkpoint before giving up
-    # Whether the joined cluster grows on demand (a Ray autoscaler). false: workers that do not fit its nodes now
-    # are refused at once, with the numbers. true: the workers' resources are requested from the autoscaler and
-    # the start waits up to startup_timeout_s for them. An embedded local cluster never grows.
+    # Whether the joined cluster may still grow: a Ray autoscaler adds nodes on request, or nodes are still joining
+    # (launch/slurm.sbatch). false: workers that do not fit its nodes now are refused at once, with the numbers.
+    # true: their resources are requested from the autoscaler and the start waits up to startup_timeout_s for
+    # them. An embedded local cluster never grows.
     autoscale: bool = False
     startup_timeout_s: float = 600.0
 
