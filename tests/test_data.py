@@ -36,6 +36,7 @@ from tarflow_scale.data import (
     read_manifest,
     resolve_data_path,
     verify,
+    write_manifest,
     write_split,
 )
 from tarflow_scale.data.manifest import file_sha256
@@ -576,6 +577,126 @@ def test_16_bit_pngs_convert_to_their_8_bit_values(tmp_path):
     expected = np.floor(values / 65535 * 255 + 0.5)  # independent of the converter's arithmetic
     assert np.abs(image.astype(int) - expected[:, :, None]).max() <= 1
     assert image.min() == 0 and image.max() == 255
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _raw_png(width: int, height: int, bit_depth: int, color_type: int, rows: list[bytes], **chunks: bytes) -> bytes:
+    """A PNG assembled chunk by chunk (PNG spec §5), for the kinds PIL cannot write (16-bit RGB, 2-bit gray)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    extra = b"".join(chunk(kind.encode(), data) for kind, data in chunks.items())
+    idat = zlib.compress(b"".join(b"\x00" + row for row in rows))  # filter type 0 on every row
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + extra + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _decode(png: bytes, channels: int = 3, size: int = 2):
+    from tarflow_scale.data.decode import SampleDecoder
+
+    image, label, key = SampleDecoder(channels, size)({"__key__": "k", "__url__": "s.tar", "png": png, "cls": b"0"})
+    return image.permute(1, 2, 0).numpy()
+
+
+def test_decoder_reads_exact_8_bit_forms_and_refuses_the_rest():
+    rgb = make_images(1, 2, seed=3)[0]
+    np.testing.assert_array_equal(_decode(_png_bytes(Image.fromarray(rgb))), rgb)
+    gray = rgb[:, :, 0]
+    np.testing.assert_array_equal(_decode(_png_bytes(Image.fromarray(gray))), np.repeat(gray[:, :, None], 3, 2))
+    np.testing.assert_array_equal(_decode(_png_bytes(Image.fromarray(gray)), channels=1), gray[:, :, None])
+    palette = np.arange(3 * 256, dtype=np.uint8).reshape(256, 3)[::-1].copy()  # entry i -> 3 bytes
+    indices = np.array([[0, 7], [200, 255]], np.uint8)
+    paletted = Image.fromarray(indices, mode="P")
+    paletted.putpalette(palette.tobytes())
+    np.testing.assert_array_equal(_decode(_png_bytes(paletted)), palette[indices])
+    # 2-bit grayscale: the PNG spec scales level v to v * 255 / 3 exactly.
+    two_bit = _raw_png(2, 2, 2, 0, [bytes([0b00010000]), bytes([0b10110000])])
+    np.testing.assert_array_equal(_decode(two_bit)[:, :, 0], [[0, 85], [170, 255]])
+
+    # 16-bit RGB: PIL opens it as plain "RGB" by dropping each value's low byte, so it must be refused by header.
+    rgb16 = _raw_png(2, 2, 16, 2, [bytes(range(12)), bytes(range(12, 24))])
+    assert Image.open(io.BytesIO(rgb16)).mode == "RGB"
+    gray16 = _png_bytes(Image.fromarray(np.full((2, 2), 40000, np.uint16)))
+    assert Image.open(io.BytesIO(gray16)).mode.startswith("I")
+    rgba = _png_bytes(Image.fromarray(np.dstack([rgb, np.full((2, 2), 255, np.uint8)])))
+    transparent = paletted.copy()
+    transparent.info["transparency"] = 0
+    refused = {
+        "a 16-bit RGB PNG": rgb16,
+        "a 16-bit grayscale PNG": gray16,
+        "an 8-bit RGBA PNG with transparency": rgba,
+        "an 8-bit palette PNG with transparency": _png_bytes(transparent),
+    }
+    for what, png in refused.items():
+        with pytest.raises(DataError, match=rf"s.tar: sample 'k' is {what}"):
+            _decode(png)
+    with pytest.raises(DataError, match=r"s.tar: sample 'k' is an 8-bit RGB PNG, which has no exact 1-channel form"):
+        _decode(_png_bytes(Image.fromarray(rgb)), channels=1)
+    with pytest.raises(DataError, match=r"s.tar: sample 'k' is corrupt"):
+        _decode(b"\xff\xd8\xff\xe0 a JPEG is not a PNG")
+
+
+def _replace_png(key: str, png: bytes):
+    def change(sample):
+        if sample["__key__"] == key:
+            sample["png"] = png
+        return sample
+
+    return change
+
+
+def _reseal(root: str, split: str) -> None:
+    """Record the shards' current checksums and sizes, as a converter writing them this way would have."""
+    m = read_manifest(root, split)
+    m.sha256 = [file_sha256(os.path.join(root, s)) for s in m.shards]
+    m.shard_bytes = [os.path.getsize(os.path.join(root, s)) for s in m.shards]
+    write_manifest(root, m)
+
+
+def test_a_16_bit_png_in_a_shard_is_refused_by_verify_training_and_evaluation(tiny_shards, capsys):
+    """PIL's convert("RGB") turns this image white; every reader must name its shard and key instead."""
+    from tarflow_scale.data import check_first_sample
+
+    key = "train_data_batch_1-0000003"
+    gray16 = _png_bytes(Image.fromarray(np.full((TINY_SIZE, TINY_SIZE), 40000, np.uint16)))
+    assert Image.open(io.BytesIO(gray16)).mode == "I;16"
+    for split in ("train", "val"):
+        rewrite_shard(os.path.join(tiny_shards, read_manifest(tiny_shards, split).shards[0]), _replace_png(key, gray16))
+        _reseal(tiny_shards, split)
+
+    assert data_cli.main(["verify", tiny_shards]) == 0  # the bytes are exactly what the manifests record
+    capsys.readouterr()
+    assert data_cli.main(["verify", tiny_shards, "--deep"]) == 1
+    out = capsys.readouterr().out
+    for split in ("train", "val"):
+        assert f"FAIL {tiny_shards}/tiny-{split}-000000.tar: sample '{key}' is a 16-bit grayscale PNG" in out
+        assert f"FAIL   {split}: 37 samples" in out
+
+    stats = DataStats()
+    cfg = DataConfig(path=tiny_shards, num_workers=0, shuffle_buffer=0, hflip=False)
+    loader = iter(make_train_loader(cfg, 4, rank=0, world_size=1, seed=0, stats=stats))
+    images = torch.cat([next(loader)[0] for _ in range(30)])  # 120 samples: every shard several times
+    assert stats.skipped >= 1 and f"tiny-train-000000.tar: sample '{key}' is a 16-bit grayscale PNG" in stats.last_error
+    assert not (images == 255).flatten(1).all(1).any()  # the clipped all-white image never reaches training
+
+    with pytest.raises(DataError, match=rf"tiny-val-000000.tar: sample '{key}' is a 16-bit grayscale PNG"):
+        eval_keys(DataConfig(path=tiny_shards, num_workers=0), 1)
+
+    # A split that starts with such an image fails the check a run makes before its workers start.
+    check_first_sample(tiny_shards, read_manifest(tiny_shards, "train"))
+    first = "train_data_batch_1-0000000"
+    rewrite_shard(os.path.join(tiny_shards, "tiny-train-000000.tar"), _replace_png(first, gray16))
+    _reseal(tiny_shards, "train")
+    with pytest.raises(DataError, match=rf"tiny-train-000000.tar: sample '{first}' is a 16-bit grayscale PNG"):
+        check_first_sample(tiny_shards, read_manifest(tiny_shards, "train"))
 
 
 def test_skip_bad_leaves_unreadable_images_out_and_records_them(tmp_path, capsys):

@@ -614,3 +614,39 @@ def test_decoding_options_are_checked_against_the_checkpoint_before_any_worker(t
     assert eval_cli.main([str(path), "--dry-run", "eval.decoding.mode=gs_jacobi", "eval.decoding.precision=bf16"]) == 0
     out = capsys.readouterr().out
     assert "mode: gs_jacobi" in out and "precision: bf16" in out
+
+
+@pytest.mark.slow
+def test_a_16_bit_png_inside_the_held_out_split_stops_the_evaluation_naming_shard_and_key(
+    ray_session, tmp_path, dataset, capsys
+):
+    """PIL would read it as all white and publish a wrong bits/dim; the worker refuses it and the driver says where,
+    in one line."""
+    import io
+    import shutil
+
+    import webdataset as wds
+
+    from tarflow_scale.data import write_manifest
+    from tarflow_scale.data.manifest import file_sha256 as shard_sha256
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    manifest = read_manifest(str(data), "val")
+    shard = data / manifest.shards[1]  # holds val0008 .. val0015: not the split's first sample
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((SIZE, SIZE), 40000, np.uint16)).save(buffer, format="PNG")
+    samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+    with wds.TarWriter(str(shard)) as writer:
+        for sample in samples:
+            writer.write({**sample, "png": buffer.getvalue()} if sample["__key__"] == "val0010" else sample)
+    manifest.sha256[1], manifest.shard_bytes[1] = shard_sha256(str(shard)), shard.stat().st_size
+    write_manifest(str(data), manifest)
+
+    path = export(random_model(num_classes=CLASSES), tmp_path / "m.safetensors", data_path=str(data), noise="uniform")
+    args = [str(path), "--out", str(tmp_path / "out"), "eval.jobs=[bpd]", "data.num_workers=0", "eval.batch_size=4"]
+    assert eval_cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"{manifest.shards[1]}: sample 'val0010' is a 16-bit grayscale PNG" in err[0]
+    assert not (tmp_path / "out" / "metrics.json").exists()

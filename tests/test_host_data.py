@@ -63,7 +63,7 @@ def test_sequential_decoding_makes_no_tensor_from_host_data(transform, guidance)
             block.proj_out.weight.normal_(0, 0.05)  # live heads: the transforms do real work
     labels, generator = torch.arange(2) % 3, torch.Generator().manual_seed(0)
     with HostDataRecorder() as recorder:
-        images = model.sample(2, labels, guidance=Guidance(guidance), generator=generator)  # default: sequential decoding
+        images = model.sample(2, labels, guidance=Guidance(guidance), generator=generator)  # sequential
     assert torch.isfinite(images).all()
     assert not recorder.calls, f"tensors made from host data while decoding: {dict(recorder.calls)}"
 

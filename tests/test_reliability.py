@@ -271,3 +271,153 @@ def test_a_torn_metrics_line_is_skipped(tmp_path):
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n\n{"step": 2, "lo')
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}]
+
+
+# -- issue 22 item 6: an empty run_dir (an unset shell variable) would train into the current folder
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_run_dir_is_refused(value, capsys):
+    from tarflow_scale.cli.train import main
+
+    with pytest.raises(ConfigError, match=r"run_dir='\s*' is empty"):
+        load_config(None, [f"run_dir={value}"])
+    assert main([f"run_dir={value}", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run_dir=" in err[0] and "is empty" in err[0]
+
+
+# -- issue 22 item 8: a file or read-only output path, a full disk, a double Ctrl-C, impossible numbers: one line
+def _tiny_data(tmp_path: Path) -> list[str]:
+    import numpy as np
+
+    from tarflow_scale.data import write_split
+    from tarflow_scale.data.sources import ArraySource
+
+    images = np.zeros((4, 8, 8, 3), np.uint8)
+    write_split(str(tmp_path / "d"), ArraySource(images, np.zeros(4, int), list("abcd"), 0, [], {}), name="t",
+                split="train", progress=False)  # fmt: skip
+    return [f"data.path={tmp_path / 'd'}", "model.image_size=8", "model.patch_size=2", "model.channels=32",
+            "model.head_dim=16"]  # fmt: skip
+
+
+def test_a_run_dir_that_is_a_file_is_one_line_with_exit_2(tmp_path, capsys):
+    from tarflow_scale.cli.train import main
+
+    (tmp_path / "run").write_text("")
+    assert main([*_tiny_data(tmp_path), f"run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"tarflow-train: run_dir={tmp_path / 'run'} is a file, not a folder"]
+
+
+def test_a_full_disk_is_one_line_naming_the_path(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    import tarflow_scale.training.cluster as cluster
+    from tarflow_scale.cli.train import main
+    from tarflow_scale.training.failures import storage_failure
+
+    # On the driver (config.yaml, the lock, Ray's snapshot): the OS's reason and the path.
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / ".config.yaml.7.tmp"))
+    monkeypatch.setattr(cluster, "launch", lambda *a, **k: (_ for _ in ()).throw(full))
+    assert main([*_tiny_data(tmp_path), f"run_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"tarflow-train: No space left on device: {tmp_path / 'run' / '.config.yaml.7.tmp'}"
+    ]
+    # In a worker: Ray wraps the OSError (its errno then lives on the wrapped cause) inside a WorkerGroupError.
+    import ray
+
+    wrapped = ray.exceptions.RayTaskError("save", "traceback", OSError(errno.ENOSPC, "No space left on device", "/r/c"))
+    group = WorkerGroupError("x", {0: wrapped.as_instanceof_cause(), 1: RuntimeError("collateral")})
+    assert storage_failure(group) == "[Errno 28] No space left on device: '/r/c'"
+    assert storage_failure(WorkerGroupError("x", {0: RuntimeError("gloo")})) is None
+
+
+def test_a_second_signal_aborts_through_ray_and_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    import signal
+
+    import tarflow_scale.training.cluster as cluster
+    import tarflow_scale.training.failures as failures
+    from tarflow_scale.cli.train import main
+    from tarflow_scale.training.failures import ReliableTorchTrainer
+    from tarflow_scale.training.run_state import STOP_FILE, RunAborted
+
+    trainer = ReliableTorchTrainer.__new__(ReliableTorchTrainer)  # only the signal handling, no Ray run
+    trainer._stop_dir, trainer.stop_signal, trainer.aborted_by = tmp_path, None, None
+    aborted, exits = [], []
+    monkeypatch.setattr(trainer, "_abort", aborted.append)
+    monkeypatch.setattr(failures.os, "_exit", exits.append)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        trainer._register_sigint_handler("controller")
+        handler = signal.getsignal(signal.SIGINT)
+        handler(signal.SIGINT, None)  # first: a stop at the next step boundary, with a final checkpoint
+        assert (tmp_path / STOP_FILE).exists() and aborted == [] and trainer.aborted_by is None
+        handler(signal.SIGINT, None)  # second: Ray's controller tears the worker group down; launch() reports it
+        assert aborted == ["controller"] and trainer.aborted_by == "SIGINT"
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # a third: out at once
+        assert aborted == ["controller"] and exits == [130]
+    finally:
+        for signum, h in saved.items():
+            signal.signal(signum, h)
+    assert "second SIGINT: aborting without a final checkpoint" in capsys.readouterr().err
+
+    last = tmp_path / "run" / "checkpoint_00000010"
+    monkeypatch.setattr(cluster, "launch", lambda *a, **k: (_ for _ in ()).throw(RunAborted("SIGINT", last)))
+    assert main([*_tiny_data(tmp_path), f"run_dir={tmp_path / 'run'}"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"the newest complete checkpoint is {last}. Re-run the same command" in err[0]
+
+
+def test_impossible_numbers_on_the_command_line_are_usage_errors(tmp_path, capsys):
+    import tarflow_scale.cli.data as data_cli
+    import tarflow_scale.cli.sample as sample_cli
+
+    for main, args, flag in [
+        (sample_cli.main, ["m.safetensors", "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+        (data_cli.main, ["convert-npz", "x.npz", "--out", "o", "--split", "s", "--samples-per-shard", "0"],
+         "--samples-per-shard: must be >= 1, got 0"),
+        (data_cli.main, ["convert-folder", "src", "--out", "o", "--split", "s", "--size", "-3"],
+         "--size: must be >= 1"),
+        (data_cli.main, ["bundled", "--out", "o", "--procs", "two"], "--procs: 'two' is not an integer"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 2
+        assert f"error: argument {flag}" in capsys.readouterr().err
+
+
+def test_unwritable_outputs_of_sample_export_and_eval_are_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from test_eval import CLASSES, export, random_model
+
+    import tarflow_scale.cli.eval as eval_cli
+    import tarflow_scale.cli.export as export_cli
+    import tarflow_scale.cli.sample as sample_cli
+    import tarflow_scale.evaluation.orchestrate as orchestrate
+
+    path = export(random_model(num_classes=CLASSES), tmp_path / "m.safetensors", noise="uniform")
+    (tmp_path / "file").write_text("")
+    blocked = tmp_path / "file" / "out"
+    assert sample_cli.main([str(path), "--num", "2", "--class", "0", "--out", str(blocked)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"tarflow-sample: --out {blocked} is not writable: Not a directory"
+    ]
+    assert eval_cli.main([str(path), "--out", str(blocked)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"tarflow-eval: error: --out {blocked} is not writable: Not a directory"
+    ]
+    readonly = OSError(errno.EROFS, "Read-only file system", str(tmp_path / "ro" / ".m.safetensors.9.tmp"))
+    monkeypatch.setattr(export_cli, "export_checkpoint", lambda *a, **k: (_ for _ in ()).throw(readonly))
+    assert export_cli.main([str(tmp_path), str(tmp_path / "ro" / "m.safetensors")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"tarflow-export: Read-only file system: {tmp_path / 'ro' / '.m.safetensors.9.tmp'}"
+    ]
+    # Ctrl-C during an evaluation: one line saying what is kept; the output folder's lock is released.
+    monkeypatch.setattr(orchestrate, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert eval_cli.main([str(path), "--out", str(tmp_path / "ev")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"tarflow-eval: interrupted; the finished units are kept in {tmp_path / 'ev'}/units: re-run the "
+                   "same command to continue"]  # fmt: skip
+    assert not (tmp_path / "ev" / ".tarflow.lock").exists()

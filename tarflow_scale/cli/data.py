@@ -7,6 +7,7 @@ import glob
 import os
 import sys
 
+from tarflow_scale.cli.common import int_at_least, is_storage_error, storage_error_line
 from tarflow_scale.data import DataError, FolderSource, NpzSource, build_bundled, read_manifest, verify, write_split
 from tarflow_scale.data.shards import DEFAULT_SAMPLES_PER_SHARD
 
@@ -17,12 +18,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="shard name prefix (default: imagenet64 / the folder's name)")
     p.add_argument(
         "--samples-per-shard",
-        type=int,
+        type=int_at_least(1),
         default=DEFAULT_SAMPLES_PER_SHARD,
         help=f"images per .tar shard (default {DEFAULT_SAMPLES_PER_SHARD})",
     )
-    p.add_argument("--size", type=int, default=64, help="image side, pixels")
-    p.add_argument("--procs", type=int, default=os.cpu_count() or 1, help="encoding processes")
+    p.add_argument("--size", type=int_at_least(1), default=64, help="image side, pixels")
+    p.add_argument("--procs", type=int_at_least(1), default=os.cpu_count() or 1, help="encoding processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in batch logs)")
 
 
@@ -32,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert-npz", help="official downsampled-ImageNet .npz batches -> shards")
     p.add_argument("src", nargs="+", help="train_data_batch_1.npz ... or val_data.npz")
-    p.add_argument("--num-classes", type=int, default=1000, help="classes in the labels (default 1000)")
+    p.add_argument("--num-classes", type=int_at_least(1), default=1000, help="classes in the labels (default 1000)")
     _common(p)
 
     p = sub.add_parser("convert-folder", help="an image folder (one subfolder per class) -> shards")
@@ -46,11 +47,21 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bundled", help="build the bundled dataset (photo crops from scikit-image/-learn)")
     p.add_argument("--out", required=True, help="output folder for the shards and manifests")
-    p.add_argument("--procs", type=int, default=1, help="encoding processes (default 1)")
+    p.add_argument("--procs", type=int_at_least(1), default=1, help="encoding processes (default 1)")
 
-    p = sub.add_parser("verify", help="check shards against their manifest checksums and sample counts")
+    p = sub.add_parser(
+        "verify",
+        help="check shards against their manifest (checksums and sizes; --deep: every sample decoded); "
+        "exit code 1 when a check fails",
+    )
     p.add_argument("dir", help="dataset folder holding the shards and <split>.json manifests")
     p.add_argument("--split", default=None, help="one split (default: every <split>.json in DIR)")
+    p.add_argument(
+        "--deep",
+        action="store_true",
+        help="also decode every sample as the loaders do: an exact 8-bit PNG (no 16-bit, no alpha) of the "
+        "manifest's size and channels, a label in [0, num_classes), and each shard's sample count",
+    )
     return parser
 
 
@@ -68,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.out}: {split} {m.num_samples} samples in {len(m.shards)} shards, {m.num_classes} classes")
             return 0
         else:
-            return _verify(args.dir, args.split)
+            return _verify(args.dir, args.split, args.deep)
         m = write_split(
             args.out,
             source,
@@ -85,9 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"tarflow-data: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a full disk, a read-only or misplaced --out: one line naming the path
+        if not is_storage_error(e):
+            raise
+        print(f"tarflow-data: error: {storage_error_line(e)}", file=sys.stderr)
+        return 1
 
 
-def _verify(root: str, split: str | None) -> int:
+def _verify(root: str, split: str | None, deep: bool) -> int:
     splits = [split] if split else sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(root, "*.json")))
     if not splits:
         print(f"tarflow-data: error: {root}: no <split>.json manifest", file=sys.stderr)
@@ -95,10 +111,14 @@ def _verify(root: str, split: str | None) -> int:
     failed = False
     for s in splits:
         manifest = read_manifest(root, s)
-        problems = verify(root, manifest, deep=True)
+        problems = verify(root, manifest, deep=deep)
         for problem in problems:
             print(f"FAIL {problem}")
-        print(f"{'FAIL' if problems else 'ok'}   {s}: {manifest.num_samples} samples, {len(manifest.shards)} shards")
+        checked = "every sample decoded" if deep else "checksums and sizes"
+        print(
+            f"{'FAIL' if problems else 'ok'}   {s}: {manifest.num_samples} samples, {len(manifest.shards)} shards "
+            f"({checked})"
+        )
         failed |= bool(problems)
     return 1 if failed else 0
 

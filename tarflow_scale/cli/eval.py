@@ -16,6 +16,8 @@ import sys
 
 import yaml
 
+from tarflow_scale.cli.common import is_storage_error, storage_error_line
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from tarflow_scale.evaluation.generate import NonFiniteSamplesError
     from tarflow_scale.evaluation.resolve import default_out_dir, resolve_config
 
+    out_dir = None
     try:
         info = read_provenance(args.checkpoint)
         config = resolve_config(info, args.config, args.overrides)
@@ -45,11 +48,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# checkpoint: {info.resolved} ({info.kind}); output: {out_dir}")
             return 0
         from tarflow_scale.evaluation.orchestrate import evaluate
+        from tarflow_scale.run_lock import lock_output_dir
 
-        report = evaluate(config, info, out_dir, address=args.address, argv=["tarflow-eval", *sys.argv[1:]])
+        label = f"--out {out_dir}" if args.out else f"eval.out_dir={out_dir}" if config.eval.out_dir else out_dir
+        command = ["tarflow-eval", *(sys.argv[1:] if argv is None else argv)]
+        with lock_output_dir(out_dir, label, command=" ".join(command)):  # one evaluation per output folder
+            report = evaluate(config, info, out_dir, address=args.address, argv=command)
     except (ConfigError, CheckpointError, DataError, FidError, NonFiniteSamplesError) as e:
         print(f"tarflow-eval: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk or a read-only output folder while units are saved
+        if not is_storage_error(e):
+            raise
+        print(
+            f"tarflow-eval: error: {storage_error_line(e)} (finished units are kept; re-run to continue)",
+            file=sys.stderr,
+        )
+        return 2
+    except KeyboardInterrupt:
+        kept = f"; the finished units are kept in {out_dir}/units: re-run the same command to continue"
+        print(f"tarflow-eval: interrupted{kept if out_dir else ''}", file=sys.stderr)
+        return 130
     print(summary(report))
     return 0
 

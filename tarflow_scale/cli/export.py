@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from tarflow_scale.artifacts import CheckpointError, export_checkpoint, export_model_dir
+from tarflow_scale.cli.common import is_storage_error, storage_error_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
             path = export_checkpoint(args.checkpoint, args.out, use_ema=args.ema)
     except CheckpointError as e:
         print(f"tarflow-export: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # OUT on a full or read-only disk, or a file where a folder should be
+        if not is_storage_error(e):
+            raise
+        print(f"tarflow-export: {storage_error_line(e)}", file=sys.stderr)
         return 2
     if args.format == "dir":
         print(f"wrote {path}/ (config.json, model.safetensors, README.md)")

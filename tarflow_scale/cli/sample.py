@@ -11,6 +11,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from tarflow_scale.cli.common import int_at_least
 from tarflow_scale.config import Decoding, Guidance, SettingError
 
 # Flags of the Guidance and Decoding fields (config/sampling.py): --field-name, except where a shorter word is the
@@ -43,6 +44,7 @@ def settings_from_args(args: argparse.Namespace, cls: type, prefix: str) -> Any:
     return cls(**{f.name: getattr(args, f"{prefix}.{f.name}") for f in dataclasses.fields(cls)})
 
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="tarflow-sample",
@@ -73,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "with the noise std recorded in the checkpoint)",
     )
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    parser.add_argument("--batch-size", type=int, default=32, help="samples drawn at once (default 32)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=32, help="samples drawn at once (default 32)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", default=None, help="output folder (default: a 'sampled' folder beside CHECKPOINT)")
     return parser.parse_args(argv)
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from tarflow_scale.artifacts import CheckpointError, load_model, read_provenance
+    from tarflow_scale.run_lock import OutputDirError, prepare_output_dir
     from tarflow_scale.sampling import resolve_labels, sample_images
 
     checkpoint = Path(args.checkpoint)
@@ -156,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"tarflow-sample: {e}", file=sys.stderr)
         return 2
+    out = Path(args.out) if args.out else default_out_dir(checkpoint)
+    try:  # before any sample is drawn: a file in the way, a read-only or full disk
+        prepare_output_dir(out, f"--out {out}")
+    except OutputDirError as e:
+        print(f"tarflow-sample: {e}", file=sys.stderr)
+        return 2
     start = time.time()
     state = {"last": start}
 
@@ -189,7 +198,6 @@ def main(argv: list[str] | None = None) -> int:
         "denoise_noise_std": noise_std if denoise else 0.0,
         "labels": None if y is None else y.tolist(),
     }
-    out = Path(args.out) if args.out else default_out_dir(checkpoint)
     write_outputs(out, images, y, settings)
     took = time.time() - start
     what = f"denoised with the training noise std {noise_std:g}" if denoise else "not denoised"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from tarflow_scale.cli.common import is_storage_error, storage_error_line
 from tarflow_scale.config import ConfigError, RunConfig, load_config, to_dict
 
 
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     from tarflow_scale.training.cluster import launch
     from tarflow_scale.training.console import ConsoleOptions
     from tarflow_scale.training.failures import GPUOutOfMemoryError
-    from tarflow_scale.training.run_state import RunStopped
+    from tarflow_scale.training.run_state import RunAborted, RunStopped
 
     try:
         outcome = launch(
@@ -191,7 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     ) as e:  # repeatable: names the key, file or sample
         print(f"tarflow-train: {e}", file=sys.stderr)
         return 2
-    except RunStopped as e:
+    except OSError as e:  # the driver's own writes: a full disk, a read-only run_dir
+        if not is_storage_error(e):
+            raise
+        print(f"tarflow-train: {storage_error_line(e)}", file=sys.stderr)
+        return 2
+    except (RunStopped, RunAborted) as e:
         print(f"tarflow-train: {e}", file=sys.stderr)
         return 130  # the shell's code for "interrupted"
     import ray

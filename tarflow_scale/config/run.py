@@ -124,12 +124,19 @@ class ClusterConfig:
     gpu_memory_gib: float = 80.0
     cpus_per_worker: int = 1
     max_failures: int = 2  # worker-group restarts from the last checkpoint before giving up
+    # Whether the joined cluster may still grow: a Ray autoscaler adds nodes on request, or nodes are still joining
+    # (launch/slurm.sbatch). false: workers that do not fit its nodes now are refused at once, with the numbers.
+    # true: their resources are requested from the autoscaler and the start waits up to startup_timeout_s for
+    # them. An embedded local cluster never grows.
+    autoscale: bool = False
+    startup_timeout_s: float = 600.0
 
     def validate(self) -> None:
         if self.num_workers < 1:
             raise ConfigError("cluster.num_workers must be >= 1 (DeepSpeed needs a process group)")
         check_at_least(self, "cluster", 1, "cpus_per_worker", "gpu_memory_gib")
         check_at_least(self, "cluster", -1, "max_failures")  # -1: retry without limit (Ray's convention)
+        check_at_least(self, "cluster", 0, "startup_timeout_s")
 
 
 @dataclass
@@ -293,10 +300,15 @@ class RunConfig:
 def local_run_dir(run_dir: str) -> Path:
     """The run directory as a local (or mounted shared) path; `file://` URIs are accepted.
 
+    An empty run_dir (an unset shell variable) is refused: it would train into the current folder.
     Object-store URIs (s3://, gs://, ...) are refused: besides Ray's checkpoints, rank 0 writes metrics, sample
     grids and the export into run_dir with ordinary file I/O, and evaluation reads it the same way. Mount the
     bucket (or use NFS/FSx/Filestore) on every node and pass the mount point.
     """
+    if not run_dir.strip():
+        raise ConfigError(
+            f"run_dir={run_dir!r} is empty (an unset shell variable?); name the run's folder, e.g. run_dir=runs/my_run"
+        )
     if "://" not in run_dir:
         return Path(run_dir)
     scheme, rest = run_dir.split("://", 1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import random
@@ -12,7 +11,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
@@ -21,6 +19,7 @@ from torch import Tensor
 from ..config import DataConfig
 from ..seeding import derive_seed
 from .bundled import resolve_data_path
+from .decode import SampleDecoder
 from .manifest import DataError, Manifest, join, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -57,34 +56,6 @@ def _resize(images: Tensor, size: int) -> Tensor:
     if images.shape[-1] == size:
         return images
     return F.interpolate(images.float(), size=(size, size), mode="area").round_().to(torch.uint8)
-
-
-class _Decode:
-    """A shard sample -> ((C, H, W) uint8 tensor, int label, key); any problem is a DataError naming the shard
-    and the key."""
-
-    def __init__(self, channels: int, image_size: int, num_classes: int = 0):
-        self.shape = (image_size, image_size, channels)
-        self.num_classes = num_classes  # 0: unconditional data, labels unchecked
-
-    def __call__(self, sample: dict[str, Any]) -> tuple[Tensor, int, str]:
-        from PIL import Image
-
-        key, url = sample.get("__key__"), sample.get("__url__")
-        try:
-            with Image.open(io.BytesIO(sample["png"])) as im:
-                array = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
-            label = int(sample["cls"])
-        except KeyError as e:
-            raise DataError(f"{url}: sample {key!r} has no {e.args[0]!r} field") from None
-        except Exception as e:  # PIL raises many types for damaged data
-            raise DataError(f"{url}: sample {key!r} is corrupt ({type(e).__name__}: {e})") from None
-        if array.shape != self.shape:
-            raise DataError(f"{url}: sample {key!r} is {array.shape} (H, W, C), the manifest says {self.shape}")
-        # Out of range, a label would train as the null label (-1) or index past the class embedding.
-        if self.num_classes and not 0 <= label < self.num_classes:
-            raise DataError(f"{url}: sample {key!r} has label {label}, outside [0, {self.num_classes})")
-        return torch.from_numpy(array.copy()).permute(2, 0, 1), label, key
 
 
 def _stack(samples: list[tuple[Tensor, int, str]]) -> tuple[Tensor, Tensor, list[str]]:
@@ -156,7 +127,7 @@ class _TrainStream(torch.utils.data.IterableDataset):
         super().__init__()
         self.cfg, self.urls, self.batch_size, self.seed_parts = cfg, urls, batch_size, seed_parts
         self.segment_seed = segment_seed
-        self.decode = _Decode(manifest.channels, manifest.image_size, manifest.num_classes)
+        self.decode = SampleDecoder(manifest.channels, manifest.image_size, manifest.num_classes)
         self.out_size = _output_size(cfg, manifest)
         self.expected = dict(zip(urls, manifest.samples_per_shard))
         self._next_segment = 0  # per process: each worker (or the main process, without workers) counts its own
@@ -301,7 +272,7 @@ class _EvalStream(torch.utils.data.IterableDataset):
     def __init__(self, urls: list[str], manifest: Manifest, lo: int, hi: int, batch_size: int, out_size: int):
         super().__init__()
         self.lo, self.hi, self.batch_size, self.out_size = lo, hi, batch_size, out_size
-        self.decode = _Decode(manifest.channels, manifest.image_size, manifest.num_classes)
+        self.decode = SampleDecoder(manifest.channels, manifest.image_size, manifest.num_classes)
         self.shards = {
             url: (offset, count)
             for url, offset, count in zip(urls, manifest.shard_offsets, manifest.samples_per_shard)

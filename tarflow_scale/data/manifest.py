@@ -190,7 +190,7 @@ def check_shard_sizes(root: str, manifest: Manifest) -> None:
     """The cheap start-of-run check (no reading): every local shard exists and has the size the manifest records.
 
     A truncated copy or a half-synced folder fails here, naming the shard; `tarflow-data verify` is the full check
-    (checksums, and with --deep the sample counts). Remote data roots are left to the loaders' own checks.
+    (checksums, and with --deep every sample decoded). Remote data roots are left to the loaders' own checks.
     """
     if is_url(root):
         return
@@ -205,29 +205,3 @@ def check_shard_sizes(root: str, manifest: Manifest) -> None:
                 f"{path}: {actual} bytes, the manifest says {size} (truncated or replaced; run "
                 f"`tarflow-data verify {root}` for the full check)"
             )
-
-
-def verify(root: str, manifest: Manifest, deep: bool = False) -> list[str]:
-    """Problems with the local shards of `manifest` (missing, checksum, with `deep` the sample count); [] if none."""
-    problems = []
-    for name, count, digest in zip(manifest.shards, manifest.samples_per_shard, manifest.sha256):
-        path = os.path.join(root, name)
-        if not os.path.isfile(path):
-            problems.append(f"{path}: missing")
-            continue
-        actual = file_sha256(path)
-        if actual != digest:
-            problems.append(f"{path}: sha256 {actual[:12]}... does not match the manifest's {digest[:12]}...")
-            continue
-        if manifest.shard_bytes and os.path.getsize(path) != manifest.shard_bytes[manifest.shards.index(name)]:
-            problems.append(f"{path}: size differs from the manifest's shard_bytes")
-            continue
-        if deep:
-            try:
-                found = count_tar_samples(path)
-            except (tarfile.TarError, OSError) as e:
-                problems.append(f"{path}: unreadable tar ({e})")
-                continue
-            if found != count:
-                problems.append(f"{path}: {found} samples, the manifest says {count}")
-    return problems

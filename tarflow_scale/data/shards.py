@@ -22,11 +22,11 @@ from .manifest import (
     manifest_name,
     read_manifest,
     tar_keys,
-    verify,
     write_json_atomic,
     write_manifest,
 )
 from .sources import Chunk, Source
+from .verify import verify
 
 DEFAULT_SAMPLES_PER_SHARD = 1000
 # Tar members get a fixed time (and webdataset's fixed owner), so a shard's bytes depend only on its

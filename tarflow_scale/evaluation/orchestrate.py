@@ -11,7 +11,7 @@ import ray
 
 from ..artifacts import Provenance, TrainingNoise, load_model
 from ..config import ConfigError, RunConfig
-from ..data import DataError, check_shard_sizes, read_manifest, resolve_data_path
+from ..data import DataError, check_first_sample, check_shard_sizes, read_manifest, resolve_data_path
 from . import fid as fidlib
 from .jobs import JOB_ORDER, data_fingerprint, run_bpd, run_fid, run_fid_stats, run_sampling
 from .outputs import METRICS_FILE, build_report, write_per_image, write_report, write_tensorboard
@@ -33,6 +33,7 @@ def _check_data(config: RunConfig, split: str):
             f"the checkpoint's model has {m.num_classes} classes but data.path={config.data.path} has "
             f"{manifest.num_classes}: evaluate on the dataset it was trained on"
         )
+    check_first_sample(config.data.path, manifest)  # a split in a form the loaders refuse (16-bit, alpha) fails here
     return manifest
 
 

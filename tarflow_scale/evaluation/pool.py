@@ -11,8 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
+from ray.autoscaler.sdk import request_resources
 
-from ..config import ConfigError, RunConfig, to_dict
+from ..capacity import WorkerRequest, wait_for_capacity
+from ..config import RunConfig, to_dict
 from ..models.tarflow import TarFlow
 from .worker import EvalWorker
 
@@ -70,15 +72,15 @@ class WorkerPool:
 
     def __init__(self, model: TarFlow, config: RunConfig, num_workers: int, source: str = "the evaluated model"):
         cluster = config.cluster
-        need = {"CPU": num_workers * cluster.cpus_per_worker, "GPU": num_workers if cluster.use_gpu else 0}
-        have = ray.cluster_resources()
-        short = {k: (v, have.get(k, 0)) for k, v in need.items() if v > have.get(k, 0)}
-        if short:
-            detail = ", ".join(f"{v} {k} needed, {h:g} in the cluster" for k, (v, h) in short.items())
-            raise ConfigError(
-                f"{num_workers} evaluation workers do not fit the Ray cluster ({detail}); lower "
-                "cluster.num_workers or cluster.cpus_per_worker"
-            )
+        per_worker = {"CPU": cluster.cpus_per_worker, "GPU": 1 if cluster.use_gpu else 0}
+        wait_for_capacity(
+            WorkerRequest("evaluation", num_workers, per_worker),
+            lambda: [node["Resources"] for node in ray.nodes() if node["Alive"]],
+            autoscale=cluster.autoscale,
+            timeout_s=cluster.startup_timeout_s,
+            request_resources=lambda bundles: request_resources(bundles=bundles),
+            say=lambda line: print(line, flush=True),
+        )
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         # One copy of the weights in the object store; every worker builds its model from it (no shared FS needed);
         # `source` names the checkpoint in a worker's error.
@@ -139,7 +141,10 @@ class WorkerPool:
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayTaskError as e:
-                raise e.as_instanceof_cause() from None  # the worker's own exception type (DataError, FidError, ...)
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, Exception) and type(cause).__module__.startswith("tarflow_scale."):
+                    raise cause from None  # ours (DataError, FidError, ...): its message names the culprit, one line
+                raise e.as_instanceof_cause() from None  # anything else keeps the worker's traceback
             except ray.exceptions.RayActorError as e:  # the process or its node is gone: redo its item elsewhere
                 print(f"[{method}] an evaluation worker was lost ({type(e).__name__}); redoing its unit", flush=True)
                 queue.appendleft(i)

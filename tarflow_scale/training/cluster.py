@@ -11,8 +11,10 @@ from typing import Any
 
 from ..artifacts.checkpoints import checkpoint_step, complete_checkpoints
 from ..artifacts.exports import EXPORT_NAME
+from ..capacity import WorkerRequest, wait_for_capacity
 from ..config import ConfigError, RunConfig, local_run_dir, to_dict
-from ..data import check_shard_sizes, read_manifest, resolve_data_path
+from ..data import check_first_sample, check_shard_sizes, read_manifest, resolve_data_path
+from ..run_lock import OutputDirError, lock_output_dir
 from .console import (
     ConsoleOptions,
     TrainingProgress,
@@ -71,6 +73,7 @@ def check_data_matches_model(config: RunConfig) -> None:
         raise ConfigError(
             f"model.num_classes={model.num_classes} but data.path={config.data.path} has {manifest.num_classes} classes"
         )
+    check_first_sample(config.data.path, manifest)  # a split in a form the loaders refuse (16-bit, alpha) fails here
 
 
 def init_ray(address: str | None, console: ConsoleOptions | None = None) -> None:
@@ -94,16 +97,19 @@ def init_ray(address: str | None, console: ConsoleOptions | None = None) -> None
     )
 
 
-def prepare_run_dir(run_dir: Path) -> None:
-    """Create run_dir and prove it writable before any worker starts (ConfigError naming it otherwise)."""
-    from .. import atomic
+def wait_for_workers(request: WorkerRequest, config: RunConfig) -> None:
+    """Refuse (or, with cluster.autoscale, wait for) a worker group the cluster cannot hold: Ray would wait forever."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
 
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(run_dir / ".write_test", "ok\n")
-        (run_dir / ".write_test").unlink()
-    except OSError as e:
-        raise ConfigError(f"run_dir={run_dir} is not writable: {e.strerror or e}") from None
+    wait_for_capacity(
+        request,
+        lambda: [node["Resources"] for node in ray.nodes() if node["Alive"]],
+        autoscale=config.cluster.autoscale,
+        timeout_s=config.cluster.startup_timeout_s,
+        request_resources=lambda bundles: request_resources(bundles=bundles),
+        say=_say,
+    )
 
 
 def _say(message: str) -> None:
@@ -133,22 +139,48 @@ def launch(
     done = finished_step(config)
     if done is not None:
         return LaunchOutcome(run_dir, True, done, done, 0.0)
+    config.data.path = resolve_data_path(config.data, announce=_say)
+    check_data_matches_model(config)
+    # One launch per run_dir (a second would report the first's progress as its own and rewrite the export); a lock
+    # left by a killed driver on this host is taken over, so re-running a crashed command resumes.
+    with lock_output_dir(run_dir, f"run_dir={run_dir}"):
+        return _launch_locked(config, run_dir, address, allow_config_change, console)
+
+
+def _launch_locked(
+    config: RunConfig,
+    run_dir: Path,
+    address: str | None,
+    allow_config_change: tuple[str, ...],
+    console: ConsoleOptions,
+) -> LaunchOutcome:
     previous = checkpoint_steps(run_dir)
     start_step = previous[-1] if previous else 0
 
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
 
-    from .failures import ReliableTorchTrainer, is_out_of_memory, out_of_memory_error, repeatable_failure
-    from .run_state import RunStopped, check_resume, clear_stop, record_config, repair_ray_snapshot, stop_requested
+    from .failures import (
+        ReliableTorchTrainer,
+        is_out_of_memory,
+        out_of_memory_error,
+        repeatable_failure,
+        storage_failure,
+    )
+    from .run_state import (
+        RunAborted,
+        RunStopped,
+        check_resume,
+        clear_stop,
+        record_config,
+        repair_ray_snapshot,
+        stop_requested,
+    )
     from .trainer import FAULT_AT_STEP_ENV, train_worker
 
-    config.data.path = resolve_data_path(config.data, announce=_say)
-    check_data_matches_model(config)
     plan = check_resume(config, tuple(allow_config_change))
     for key, (old, new) in plan.allowed_changes.items():
         _say(f"tarflow-train: config change on resume: {key}: {old!r} -> {new!r}")
-    prepare_run_dir(run_dir)
     repair_ray_snapshot(run_dir)
     clear_stop(run_dir)
     record_config(config, plan)
@@ -164,6 +196,7 @@ def launch(
     fault_at = os.environ.get(FAULT_AT_STEP_ENV)
     if config.cluster.use_gpu:
         resources["GPU"] = 1
+    wait_for_workers(WorkerRequest("training", config.cluster.num_workers, resources), config)
     trainer = ReliableTorchTrainer(
         train_worker,
         stop_dir=run_dir,
@@ -188,11 +221,22 @@ def launch(
     try:
         result = trainer.fit()
     except Exception as e:
+        if trainer.aborted_by is not None:  # a second Ctrl-C: Ray's controller exited, ending fit() with its error
+            done = complete_checkpoints(run_dir)
+            raise RunAborted(trainer.aborted_by, done[-1] if done else None) from None
         cause = repeatable_failure(e)
         if cause is not None and is_out_of_memory(cause):
             raise out_of_memory_error(config, cause) from None
         if cause is not None:  # the worker's own error, not Ray's wrapper: it names the key, file or sample
             raise cause from None
+        full = storage_failure(e)
+        if full is not None:  # retried up to cluster.max_failures (space may be freed meanwhile), then reported
+            done = complete_checkpoints(run_dir, warn=False)
+            resume = f"it resumes from {done[-1].name}" if done else "it starts again from step 0"
+            raise OutputDirError(
+                f"run_dir={run_dir}: a worker could not write ({full}). Free space (or fix the permissions) and "
+                f"re-run the same command: {resume}"
+            ) from None
         raise
     finally:
         if progress is not None:

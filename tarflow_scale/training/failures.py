@@ -9,6 +9,8 @@ so `ReliableTorchTrainer` swaps it in at `_initialize_and_run_controller` (pinne
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
 import sys
 import threading
@@ -68,6 +70,27 @@ def out_of_memory_error(config: RunConfig, error: BaseException) -> GPUOutOfMemo
     )
 
 
+# A worker's file-system error the user must act on (free space, fix permissions); Ray retries it like a process death.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+def storage_failure(error: BaseException) -> str | None:
+    """`[Errno 28] No space left on device: '/runs/x/...'` when a worker failed on a full or read-only disk."""
+    if isinstance(error, WorkerGroupError):
+        for failure in error.worker_failures.values():
+            cause = getattr(failure, "cause", failure)  # Ray's RayTaskError keeps the worker's exception here
+            for candidate in (failure, cause):
+                if isinstance(candidate, OSError) and candidate.errno in STORAGE_ERRNOS:
+                    where = f": {candidate.filename!r}" if candidate.filename else ""
+                    return f"[Errno {candidate.errno}] {candidate.strerror or os.strerror(candidate.errno)}{where}"
+    return None
+
+
+def _say(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 class RepeatableErrorPolicy(DefaultFailurePolicy):
     """Ray's default policy, except that errors which will repeat are raised without a retry."""
 
@@ -81,13 +104,17 @@ class ReliableTorchTrainer(TorchTrainer):
     """TorchTrainer that never retries repeatable errors and turns SIGINT/SIGTERM into a clean stop.
 
     First signal: write the stop request into run_dir; the workers agree on it at the next step boundary, write
-    a final complete checkpoint and return. Second signal: Ray's own abort (the workers are torn down).
+    a final complete checkpoint and return. Second signal: abort the run through Ray's controller (the workers are
+    torn down, no final checkpoint; `aborted_by` says so, and launch() raises RunAborted). A third exits at once.
     """
+
+    ABORT_TIMEOUT_S = 30.0  # how long the second signal waits for Ray's controller to tear the workers down
 
     def __init__(self, *args, stop_dir: str | Path, **kwargs):
         super().__init__(*args, **kwargs)
         self._stop_dir = Path(stop_dir)
         self.stop_signal: int | None = None
+        self.aborted_by: str | None = None  # the signal that aborted the run (the second one), if any
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         controller_init_kwargs["failure_policy"] = RepeatableErrorPolicy(self.run_config.failure_config)
@@ -101,18 +128,32 @@ class ReliableTorchTrainer(TorchTrainer):
 
     def _register_sigint_handler(self, controller) -> None:
         def handler(signum, frame):
+            name = signal.Signals(signum).name
             if self.stop_signal is None:
                 self.stop_signal = signum
-                name = signal.Signals(signum).name
                 request_stop(self._stop_dir, f"{name} on the driver")
-                sys.stderr.write(
+                _say(
                     f"tarflow-train: {name} received: stopping at the next step boundary after a final checkpoint "
-                    "(send it again to abort without one)\n"
+                    "(send it again to abort without one)"
                 )
-                sys.stderr.flush()
-                return
-            super(ReliableTorchTrainer, self)._register_sigint_handler(controller)  # Ray's abort from now on
-            signal.getsignal(signal.SIGINT)(signal.SIGINT, frame)
+            elif self.aborted_by is None:
+                # Nothing is raised here: an exception thrown into Ray's wait for the controller surfaces as a
+                # SystemError from Ray's C code. The controller's exit ends that wait, and launch() reports it.
+                self.aborted_by = name
+                _say(f"tarflow-train: second {name}: aborting without a final checkpoint...")
+                self._abort(controller)
+            else:  # a third while the abort runs: leave now (the next launch takes over the run_dir lock)
+                _say(f"tarflow-train: third {name}: exiting at once; Ray's processes end with this one")
+                os._exit(130)
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+
+    def _abort(self, controller) -> None:
+        """Ray's own abort: the controller tears the worker group down and exits (so the call may fail)."""
+        import ray
+
+        try:
+            ray.get(controller.abort.remote(), timeout=self.ABORT_TIMEOUT_S)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass

@@ -37,6 +37,8 @@ SAFE_TO_CHANGE = (
     "cluster.address",
     "cluster.max_failures",
     "cluster.cpus_per_worker",
+    "cluster.autoscale",
+    "cluster.startup_timeout_s",
     "eval.",  # the whole evaluation section: tarflow-eval's settings, unused by training
 )
 
@@ -48,6 +50,18 @@ class RunStopped(Exception):
         where = f"final checkpoint {checkpoint}" if checkpoint else "no checkpoint was written"
         super().__init__(f"stopped at step {step} on request; {where}. Re-run the same command to resume.")
         self.step, self.checkpoint = step, checkpoint
+
+
+class RunAborted(Exception):
+    """Training aborted by a second SIGINT/SIGTERM: no final checkpoint; the newest complete one still counts."""
+
+    def __init__(self, signal_name: str, checkpoint: Path | None = None):
+        where = f"the newest complete checkpoint is {checkpoint}" if checkpoint else "no complete checkpoint yet"
+        super().__init__(
+            f"aborted by a second {signal_name}, without a final checkpoint; {where}. Re-run the same command to "
+            "resume from it."
+        )
+        self.signal_name, self.checkpoint = signal_name, checkpoint
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
