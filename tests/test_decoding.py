@@ -157,11 +157,111 @@ def test_mixer_between_blocks_and_model_dtype_follow_every_mode():
         torch.testing.assert_close(out, sequential, atol=1e-10, rtol=0)
 
 
-def test_compiled_static_step_compiles_once_for_every_position_and_block(monkeypatch):
-    """The per-token step has static shapes (position as a tensor, masked cache read), so torch.compile builds
-    one graph for all T - 1 positions of all blocks (and a second call reuses it); it gives the sequential
-    sampler's result. The "eager" backend keeps the test fast; the capture is the same for inductor."""
+def _key_lengths(monkeypatch) -> list[int]:
+    """Records the key length of every attention call (the cache slots it reads)."""
+    lengths: list[int] = []
+    sdpa = transformer.F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        lengths.append(k.shape[2])
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(transformer.F, "scaled_dot_product_attention", spy)
+    return lengths
+
+
+@pytest.mark.parametrize("transform", ["affine", "spline"])
+@pytest.mark.parametrize("num_classes,guidance,annealed,attn_temp", GUIDANCE)
+def test_bucketed_static_step_equals_the_eager_sequential_decode(transform, num_classes, guidance, annealed, attn_temp):
+    """The static-shape step (what torch.compile and the CUDA graphs run), run eagerly at every position of every
+    block, reads a fixed-length prefix of the cache under a mask. With SDPA's math kernel in float64, the masked
+    slots add exact zeros and every token equals the eager sequential decoder's bit for bit; the fused CPU kernel
+    reduces in length-dependent vector chunks, so with it the tokens agree to float64 rounding."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tarflow_scale.models.decoding.static import static_sequential
+    from tarflow_scale.models.tarflow import patchify
+
+    model = _model(transform, num_classes)
+    z, y = _inputs(model)
+    guided = Guidance(guidance, annealed, attn_temp)
+    with torch.no_grad():
+        for block in model.blocks:
+            tokens = patchify(z, model.config.patch_size)
+            with sdpa_kernel(SDPBackend.MATH):
+                eager, passes = block.inverse(tokens, y, guided)
+                static, static_passes = block.inverse(tokens, y, guided, decoder=static_sequential)
+            assert torch.equal(static, eager) and static_passes == passes == model.config.num_tokens - 1
+            assert not torch.equal(eager, tokens)  # the block did real work
+            fused, _ = block.inverse(tokens, y, guided, decoder=static_sequential)
+            torch.testing.assert_close(fused, eager, atol=1e-13, rtol=0)
+
+
+def test_static_step_reads_the_shortest_bucket_covering_each_position(monkeypatch):
+    """Position t reads the shortest of T/8, T/4, T/2, T slots covering its t + 1 (T = 16 here: 2, 4, 8, 16): one
+    shape per bucket, and over a block about 4/3 of the eager decoder's slot reads instead of twice as many."""
+    from tarflow_scale.models import tarflow
+    from tarflow_scale.models.decoding.static import read_buckets, static_sequential
+
+    model = _model("affine", 3)
+    z, y = _inputs(model)
+    T, num_blocks = model.config.num_tokens, model.config.num_blocks
+    assert T == 16 and model.config.layers_per_block == 1
+    lengths = _key_lengths(monkeypatch)
+    eager = model.inverse(z, y, Guidance(1.5))
+    assert lengths == [t + 1 for t in range(T - 1)] * num_blocks  # the eager step reads what is written
+    lengths.clear()
+    monkeypatch.setattr(tarflow, "block_decoder", lambda decoding, index: static_sequential)
+    static = model.inverse(z, y, Guidance(1.5))
+    torch.testing.assert_close(static, eager, atol=1e-13, rtol=0)
+    # The smallest power of two >= t + 1, but at least T / 8.
+    expected = [max(T // 8, 1 << t.bit_length()) for t in range(T - 1)]
+    assert lengths == expected * num_blocks
+    assert sorted(set(lengths)) == list(read_buckets(T)) == [2, 4, 8, 16]
+    per_block = sum(expected)
+    eager_reads, all_slot_reads = T * (T - 1) // 2, T * (T - 1)
+    assert per_block < all_slot_reads and per_block <= 1.4 * eager_reads, (per_block, eager_reads)
+    assert read_buckets(1024) == (128, 256, 512, 1024) and read_buckets(100) == (13, 25, 50, 100)
+
+
+@pytest.mark.parametrize("transform", ["affine", "spline"])
+def test_graphed_decoder_captures_one_step_per_bucket_and_replays_it_at_its_positions(transform):
+    """The CUDA-graph decoder's bookkeeping on the CPU, with a "capture" that replays by running the step eagerly:
+    one capture per bucket, inputs copied into the fixed buffers before each replay, the replay of the position's
+    bucket; so its tokens equal the static step's, bit for bit. (tests/test_gpu.py replays real graphs.)"""
+    from functools import partial
+
+    from tarflow_scale.models.decoding.static import graphed_sequential, read_buckets, static_sequential
+    from tarflow_scale.models.tarflow import patchify
+
+    model = _model(transform, 3)
+    z, y = _inputs(model)
+    guided = Guidance(1.5, annealed=True, attn_temp=1.3)
+    captured: list[int] = []
+
+    def eager_capture(step, device):
+        captured.append(device.type)
+        return step
+
+    decoder = partial(graphed_sequential, capture=eager_capture)
+    with torch.no_grad():
+        for block in model.blocks:
+            tokens = patchify(z, model.config.patch_size)
+            captured.clear()
+            graphed, passes = block.inverse(tokens, y, guided, decoder=decoder)
+            static, _ = block.inverse(tokens, y, guided, decoder=static_sequential)
+            assert torch.equal(graphed, static) and passes == model.config.num_tokens - 1
+            assert captured == ["cpu"] * len(read_buckets(model.config.num_tokens))
+
+
+def test_compiled_static_step_compiles_once_per_bucket(monkeypatch):
+    """The per-token step has static shapes within a bucket (position as a tensor, masked read of a fixed-length
+    cache prefix), so torch.compile builds one graph per bucket for all T - 1 positions of all blocks, and a second
+    call reuses them without recompiling; it gives the sequential sampler's result. The "eager" backend keeps the
+    test fast; the capture is the same for inductor."""
     from torch._dynamo.utils import counters
+
+    from tarflow_scale.models.decoding.static import read_buckets
 
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="eager", **kw))
@@ -172,13 +272,15 @@ def test_compiled_static_step_compiles_once_for_every_position_and_block(monkeyp
     expected = model.inverse(z, y, guided)
     torch._dynamo.reset()
     counters.clear()
+    compiled = model.inverse(z, y, guided, Decoding(compile=True))
+    num_buckets = len(read_buckets(model.config.num_tokens))
+    assert num_buckets == 4 and counters["stats"]["unique_graphs"] == num_buckets, dict(counters["stats"])
     with torch._dynamo.config.patch(error_on_recompile=True):
-        compiled = model.inverse(z, y, guided, Decoding(compile=True))
         again = model.inverse(z, y, guided, Decoding(compile=True))
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] == num_buckets
     assert counters["stats"]["calls_captured"] >= 1
     assert torch.equal(compiled, again)
-    torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=0)  # so every position ran the graph
+    torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=0)  # so every position ran a graph
 
 
 class _Spy:

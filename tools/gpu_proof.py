@@ -242,12 +242,27 @@ def decode_once(model, noise, labels, mode: str):
 
     decoding = {
         "sequential": Decoding(precision="bf16"),
-        "sequential + CUDA graph": Decoding(precision="bf16", cuda_graph=True),
+        "sequential + CUDA graph": Decoding(precision="bf16", cuda_graph=True),  # one graph per read bucket
         "jacobi (tol 1e-2, bf16's floor)": Decoding("jacobi", tol=1e-2, precision="bf16"),
     }[mode]
     stats = DecodingStats()
     images = model.sample(noise, labels, guidance=Guidance(GUIDANCE), decoding=decoding, stats=stats)
     return images, [stats.passes[k] for k in sorted(stats.passes, reverse=True)]
+
+
+def kv_reads_per_token(c, rows: int) -> str:
+    """Mean KV-cache bytes a sequential step reads (bf16 cache, every layer of a block): the eager step reads the
+    t + 1 slots written so far, the CUDA graphs the read bucket covering them (models/decoding/static.py)."""
+    from tarflow_scale.models.decoding.static import read_buckets, read_length
+
+    T, buckets = c.num_tokens, read_buckets(c.num_tokens)
+    slot = c.layers_per_block * 2 * rows * c.channels * 2  # keys and values, bf16
+    eager = sum(t + 1 for t in range(T - 1)) / (T - 1)
+    graphed = sum(read_length(t, buckets) for t in range(T - 1)) / (T - 1)
+    return (
+        f"eager {eager * slot / 2**30:.3g} GiB, CUDA graphs {graphed * slot / 2**30:.3g} GiB ({graphed / eager:.2f}x; "
+        f"read buckets {'/'.join(map(str, buckets))} of T={T})"
+    )
 
 
 def part_sample(args, report: Report) -> None:
@@ -270,6 +285,7 @@ def part_sample(args, report: Report) -> None:
         f"## 3. Sampling: imagenet64_cond model ({'toy' if smoke else 'paper'} size, untrained: random output heads, "
         f"std 1e-3), guidance {GUIDANCE}, batch {batch} (+{batch} guiding rows), bf16"
     )
+    report.row("KV cache read per token (arithmetic)", kv_reads_per_token(c, 2 * batch))
     decode_once(model, noise[:1], labels[:1], "jacobi (tol 1e-2, bf16's floor)")  # warm-up: kernels, cuBLAS
     modes = ["sequential", "sequential + CUDA graph", "jacobi (tol 1e-2, bf16's floor)"]
     reference = None

@@ -94,12 +94,12 @@ class Decoding:
         default="fp32",
     )
     compile: bool = _help(
-        "sequential blocks: run the static-shape per-token step under torch.compile (one graph for every position)",
+        "sequential blocks: run the static-shape per-token step under torch.compile (one graph per cache-read bucket)",
         default=False,
     )
     cuda_graph: bool = _help(
-        "sequential blocks on a GPU: capture the per-token step once per block as a CUDA graph and replay it "
-        "(one launch per token; needs a closed-form token inverse: affine, shift, spline)",
+        "sequential blocks on a GPU: capture the per-token step as one CUDA graph per block and cache-read bucket and "
+        "replay it (one launch per token; needs a closed-form token inverse: affine, shift, spline)",
         default=False,
     )
 

@@ -42,6 +42,12 @@ class KVCache:
         # the weighted sum as 0 x value, which is NaN if uninitialised memory holds a NaN.
         return cls(like.new_zeros(shape), like.new_zeros(shape))
 
+    def prefix(self, length: int) -> KVCache:
+        """The first `length` slots of every layer as a view: writes through it land in this cache. The static-shape
+        pass reads every slot of the cache it is given, so a prefix bounds what it reads (models/decoding/static.py).
+        """
+        return KVCache(self.keys[:, :, :, :length], self.values[:, :, :, :length])
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, channels: int, head_dim: int):
@@ -81,7 +87,8 @@ class CausalSelfAttention(nn.Module):
         overwrites them: Jacobi iterations refine a segment in place). h: (B, L, C); a one-token step is L = 1.
         `start` an int reads the slots [0, start + L) only (the fewest reads). `start` a 0-d int64 tensor gives the
         same result with the same shapes at every position, for torch.compile / CUDA graphs: the slots are written
-        with index_copy_ and all T slots are read under a mask (keys after each query's position excluded).
+        with index_copy_ and every slot of `cache` is read under a mask (keys after each query's position excluded).
+        The static decoders pass a `KVCache.prefix` covering start + L, one length per bucket of positions.
         """
         q, k, v = self._split_heads(h)
         L = h.shape[1]
@@ -90,8 +97,8 @@ class CausalSelfAttention(nn.Module):
             slots = start.view(1) + torch.arange(L, device=h.device)
             cache.keys[layer].index_copy_(2, slots, k)
             cache.values[layer].index_copy_(2, slots, v)
-            keys, values = cache.keys[layer], cache.values[layer]  # (B, nh, T, hd): every slot
-            mask = torch.arange(keys.shape[2], device=h.device) <= slots.unsqueeze(-1)  # (L, T): query, key
+            keys, values = cache.keys[layer], cache.values[layer]  # (B, nh, S, hd): every slot of this cache (view)
+            mask = torch.arange(keys.shape[2], device=h.device) <= slots.unsqueeze(-1)  # (L, S): query, key
         else:
             end = start + L
             cache.keys[layer, :, :, start:end] = k
