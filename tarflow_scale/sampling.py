@@ -3,7 +3,8 @@ labels and guidance, the Tweedie denoising step, uint8 images and grids; `sample
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from torch import Tensor
 from .atomic import atomic_path
 from .config import Decoding, Guidance
 from .models.decoding import DecodingStats
+from .models.precision import precision_scope
 from .models.tarflow import TarFlow
 
 # Large odd multiplier so (seed, index) pairs map to well-separated generator seeds.
@@ -44,13 +46,29 @@ def sample_indices(
     return model.sample(eps, y=labels, guidance=guidance, decoding=decoding, stats=stats)
 
 
-def score(model: TarFlow, x: Tensor, y: Tensor | None = None) -> Tensor:
+@contextlib.contextmanager
+def _frozen(model: TarFlow) -> Iterator[None]:
+    """The model's parameters do not require grad for the duration; those that did do again after."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def score(model: TarFlow, x: Tensor, y: Tensor | None = None, precision: str | None = None) -> Tensor:
     """grad_x log p(x | y), (B, C, H, W), by autograd through the exact flow likelihood.
 
     The per-sample log-densities are summed before differentiating: sample b's log p depends only on x[b], so
     the gradient of the sum is every sample's own score. Runs with grad enabled even under `torch.no_grad()`.
+    The parameters are frozen for the call (and restored after: not for a model another thread is training), so
+    autograd keeps only what the gradient w.r.t. x needs, not each Linear's input for a weight gradient.
+    `precision` ("fp32", "tf32", "bf16": models/precision.py `precision_scope`) for the call; None: as set.
     """
-    with torch.enable_grad():
+    with torch.enable_grad(), _frozen(model), precision_scope(model, precision, x.device):
         x = x.detach().requires_grad_(True)
         log_p = model.log_prob(x, y).sum()
         (grad,) = torch.autograd.grad(log_p, x)
@@ -64,6 +82,7 @@ def tweedie_denoise(
     y: Tensor | None = None,
     step: float = 1.0,
     batch_size: int = 0,
+    precision: str | None = None,
 ) -> Tensor:
     """One Tweedie step x + step * sigma^2 * grad_x log p(x), (B, C, H, W) -> (B, C, H, W).
 
@@ -73,6 +92,7 @@ def tweedie_denoise(
     `batch_size` > 0 runs the forward+backward over at most that many images at a time: the backward pass keeps
     every activation, about 3 GiB per 64x64 image for the paper's model in fp32, so a whole sampling chunk would
     not fit a GPU. Each image's score depends only on that image, so the result equals the unbatched call.
+    `precision`: the score's (see `score`); evaluation and `sample_images` pass the sampling precision.
     """
     if noise_std < 0:
         raise ValueError(f"noise_std must be >= 0, got {noise_std}")
@@ -83,7 +103,7 @@ def tweedie_denoise(
     for start in range(0, x.shape[0], size):
         part = slice(start, start + size)
         y_part = None if y is None else y[part]
-        out[part] = (x[part] + step * noise_std**2 * score(model, x[part], y_part)).detach()
+        out[part] = (x[part] + step * noise_std**2 * score(model, x[part], y_part, precision)).detach()
     return out
 
 
@@ -155,7 +175,7 @@ def sample_images(
     (a Decoding or a mode name: "sequential", "jacobi", "gs_jacobi") go to TarFlow.inverse (docs/sampling.md).
     `denoise`: one Tweedie step with the training noise (TarFlow §2.4); None denoises exactly when the model was
     trained with Gaussian noise, whose std is read from the checkpoint (or given as `noise_std` with a model
-    object). `on_batch(done, num)` is called after each batch (progress).
+    object); its score runs at `decoding`'s precision. `on_batch(done, num)` is called after each batch (progress).
 
     >>> images = sample_images("runs/tiny/model.safetensors", 8, seed=1)   # doctest: +SKIP
     """
@@ -197,7 +217,9 @@ def sample_images(
         y = None if y_all is None else y_all[indices].to(param.device)
         x = sample_indices(model, indices, seed, y, guidance, decoding)
         if denoise:
-            x = tweedie_denoise(model, x, float(noise_std), y, batch_size=denoise_batch_size)
+            x = tweedie_denoise(
+                model, x, float(noise_std), y, batch_size=denoise_batch_size, precision=decoding.precision
+            )
         out.append(to_uint8(x).cpu())
         if on_batch is not None:
             on_batch(indices[-1] + 1, num)

@@ -28,8 +28,8 @@ from tarflow_scale.benchmarks.model import FLOP_CONVENTION, count_train_flops, m
 from tarflow_scale.config import Decoding, Guidance, TarFlowConfig
 from tarflow_scale.evaluation.bpd import batch_bits_per_dim
 from tarflow_scale.evaluation.generate import generate
+from tarflow_scale.models.precision import apply_precision
 from tarflow_scale.models.tarflow import TarFlow
-from tarflow_scale.training.trainer import apply_precision
 
 # Datasheet bf16 dense (no sparsity) tensor-core peaks, TFLOP/s: (substring of the device name, model, peak), the
 # first match counts, so the specific names come first. The SXM parts report no form factor ("NVIDIA H100 80GB

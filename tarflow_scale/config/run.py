@@ -14,7 +14,7 @@ from .batching import resolve_batching
 from .checks import ConfigError, check_at_least, check_no_nan
 from .memory import MemoryEstimate
 from .models import TarFlowConfig
-from .sampling import Decoding, Guidance
+from .sampling import Decoding, Guidance, Precision
 
 
 @dataclass
@@ -206,9 +206,12 @@ class EvalConfig:
     seed: int = 0  # sample k uses noise seeded by (seed, k); dequantization noise by (seed, image key, draw)
     # Sampling (sample, denoise, fid): eval.guidance.weight / .annealed / .attn_temp and eval.decoding.mode / .tol /
     # .max_iters / .segment_size / .sequential_blocks / .precision / .compile / .cuda_graph (config/sampling.py,
-    # docs/sampling.md). Bits/dim is not affected by either (always fp32, no guidance).
+    # docs/sampling.md). eval.decoding.precision is also the Tweedie score's. Bits/dim uses neither (no guidance).
     guidance: Guidance = field(default_factory=Guidance)
     decoding: Decoding = field(default_factory=Decoding)
+    # Bits/dim's precision: fp32 (strict fp32, the exact likelihood); tf32 (TF32 CUDA matmuls) or bf16 (the
+    # Transformer trunk under bf16 autocast, the flow state fp32) trade exactness for speed (docs/gpu.md).
+    bpd_precision: Precision = "fp32"
     max_redraws: int = 10  # a non-finite sample is redrawn with a derived seed at most this many times, then error
     bpd_draws: int = 1  # K: dequantization draws per image; the per-image BPD is their mean
     # Gaussian noise std (on [-1, 1]) the Tweedie step removes; 0: the checkpoint's training data.noise_std.

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..data import augment
 from ..models.likelihood import LOG_BIN_WIDTH_8BIT, bits_per_dim
+from ..models.precision import precision_scope
 from ..models.tarflow import TarFlow
 
 NoiseKind = Literal["uniform", "gaussian"]
@@ -55,6 +56,7 @@ def batch_bits_per_dim(
     noise_std: float = 0.0,
     num_draws: int = 1,
     seed: int = 0,
+    precision: str | None = None,
 ) -> Tensor:
     """Per-image bits/dim (B,) float64, averaged over `num_draws` noise draws.
 
@@ -63,15 +65,18 @@ def batch_bits_per_dim(
     NLL of the 8-bit image (Theis et al. 2016): E_v[-log p((u + v)/128 - 1)] - D log(2/256) >= -log P(u).
     For kind="gaussian" it is the NLL of the Gaussian-noised image, a continuous density measured in 8-bit
     pixel units: *not* a bound on the discrete NLL (see `tarflow_scale.evaluation.jobs` BPD_DESCRIPTIONS for its label).
-    `labels` (B,) condition a class-conditional model; None for an unconditional one.
+    `labels` (B,) condition a class-conditional model; None for an unconditional one. `precision` (eval.bpd_precision:
+    fp32, tf32, bf16; models/precision.py `precision_scope`) for the call; None: as set. Anything but fp32 gives
+    an approximation of the fp32 likelihood (docs/gpu.md), not the bound described above.
     """
     device = next(model.parameters()).device
     total = torch.zeros(len(keys), dtype=torch.float64, device=device)
     y = None if labels is None else labels.to(device)
-    for draw in range(num_draws):
-        x = perturb(images_uint8, keys, kind, noise_std, seed, draw).to(device)
-        log_prob = model.log_prob(x, y).double()  # (B,) nats
-        total += bits_per_dim(log_prob, model.num_dims, LOG_BIN_WIDTH_8BIT)
+    with precision_scope(model, precision, device):
+        for draw in range(num_draws):
+            x = perturb(images_uint8, keys, kind, noise_std, seed, draw).to(device)
+            log_prob = model.log_prob(x, y).double()  # (B,) nats
+            total += bits_per_dim(log_prob, model.num_dims, LOG_BIN_WIDTH_8BIT)
     return total / num_draws
 
 

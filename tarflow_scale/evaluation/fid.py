@@ -4,6 +4,8 @@ Protocol (written into every metrics JSON as `PROTOCOL`):
 - clean-fid's "clean" mode: each 8-bit image is resized to 299 x 299 by PIL bicubic in float32 with no
   re-quantisation (`cleanfid.resize.build_resizer("clean")`), then featurised by `cleanfid.fid.get_batch_features`
   with clean-fid's InceptionV3 (`inception-2015-12-05.pt`, pool3, 2048-d). Grey images are repeated to RGB.
+  Features are computed in strict fp32 (TF32 off) whatever the evaluation's precision: they are the metric, not
+  the model, so generated and reference features stay comparable across runs and settings.
 - Reference: every image of the training split (data.train_split) as stored in the shards, at data.image_size,
   no flips; its mean and covariance are computed once and cached in an .npz next to the data
   (`<data root>/fid_stats/`), never inside the installed clean-fid package.
@@ -32,6 +34,8 @@ from cleanfid.downloads_helper import inception_url
 from cleanfid.resize import build_resizer
 from torch import Tensor
 
+from ..models.precision import tf32_matmuls
+
 FID_MODE = "clean"
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_SIZE = 299  # clean mode resizes to this before the network
@@ -46,6 +50,7 @@ PROTOCOL = {
     "gaussian noise and eval.fid_denoise; quantised to uint8 as a PNG",
     "reference": "every image of data.train_split as stored (no flip), cached .npz next to the data",
     "kid": f"cleanfid.fid.kernel_distance, {KID_NUM_SUBSETS} subsets of <= {KID_MAX_SUBSET_SIZE}, seeded",
+    "features_precision": "strict fp32 (TF32 off), whatever eval.decoding.precision",
 }
 
 Extractor = Callable[[Tensor], Tensor]  # float (B, 3, 299, 299) in [0, 255] -> (B, D) features
@@ -126,8 +131,10 @@ def clean_resize(images_uint8: Tensor) -> Tensor:
 
 
 def extract_features(images_uint8: Tensor, extractor: Extractor, device: torch.device | str) -> np.ndarray:
-    """(B, C, H, W) uint8 -> (B, D) float64 features: clean resize, then `cleanfid.fid.get_batch_features`."""
-    feats = cleanfid_fid.get_batch_features(clean_resize(images_uint8), extractor, torch.device(device))
+    """(B, C, H, W) uint8 -> (B, D) float64 features: clean resize, then `cleanfid.fid.get_batch_features`, in
+    strict fp32 (the protocol)."""
+    with tf32_matmuls(False):
+        feats = cleanfid_fid.get_batch_features(clean_resize(images_uint8), extractor, torch.device(device))
     return np.asarray(feats, dtype=np.float64)
 
 

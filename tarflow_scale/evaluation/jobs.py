@@ -101,7 +101,8 @@ def run_bpd(
     store = store_for(
         "bpd",
         {"data": data_fingerprint(manifest), "split": split, "image_size": config.data.image_size, "kinds": kinds,
-         "num_parts": num_parts, "draws": e.bpd_draws, "seed": e.seed, "batch_size": e.batch_size},
+         "num_parts": num_parts, "draws": e.bpd_draws, "seed": e.seed, "batch_size": e.batch_size,
+         "precision": e.bpd_precision},
     )  # fmt: skip
     progress = Progress("bpd", n, e.progress_every_s)
     names = [f"part_{p:06d}_of_{num_parts:06d}" for p in range(num_parts)]

@@ -16,6 +16,7 @@ from . import fid as fidlib
 from .jobs import JOB_ORDER, data_fingerprint, run_bpd, run_fid, run_fid_stats, run_sampling
 from .outputs import METRICS_FILE, build_report, write_per_image, write_report, write_tensorboard
 from .pool import WorkerPool, init_ray
+from .precision import job_precision
 from .units import UnitStore, model_fingerprint
 
 
@@ -143,6 +144,8 @@ def evaluate(
                 results["fid"] = run_fid(pool, config, fid_denoise_std, reference, reference_path, out_dir, store_for)
         finally:
             pool.close()
+        for job, result in results.items():  # the precision each job ran at (evaluation/precision.py)
+            result["precision"] = job_precision(job, e, denoised=job == "denoise" or bool(result.get("denoised")))
         cluster = {
             "address": ray.get_runtime_context().gcs_address,
             "num_workers": num_workers,

@@ -62,6 +62,7 @@ class EvalWorker:
                 bpd = batch_bits_per_dim(
                     self.model, images.to(self.device), y, batch_keys,
                     kind=kind, noise_std=noise_std, num_draws=c.eval.bpd_draws, seed=c.eval.seed,
+                    precision=c.eval.bpd_precision,
                 )  # fmt: skip
                 values[name].append(bpd.cpu().numpy())
             keys += batch_keys
@@ -80,7 +81,8 @@ class EvalWorker:
         out["labels"] = None if labels is None else labels.cpu()
         if denoise_std is not None:
             batch = self.config.eval.denoise_batch_size
-            out["denoised"] = tweedie_denoise(self.model, images, denoise_std, labels, step, batch).float().cpu()
+            denoised = tweedie_denoise(self.model, images, denoise_std, labels, step, batch, decoding.precision)
+            out["denoised"] = denoised.float().cpu()
         return out
 
     def _feature_network(self):
@@ -103,7 +105,8 @@ class EvalWorker:
         stats = DecodingStats()
         images, labels, redrawn = self._generate(indices, guidance, decoding, stats)
         if denoise_std is not None:
-            images = tweedie_denoise(self.model, images, denoise_std, labels, step, self.config.eval.denoise_batch_size)
+            batch = self.config.eval.denoise_batch_size
+            images = tweedie_denoise(self.model, images, denoise_std, labels, step, batch, decoding.precision)
         pixels = to_uint8(images).cpu()  # (B, C, H, W): exactly what a PNG of the sample holds
         if png_dir:
             write_pngs(pixels, indices, png_dir)

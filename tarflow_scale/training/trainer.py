@@ -37,6 +37,7 @@ from ..artifacts.weights import CheckpointError
 from ..config import ConfigError, RunConfig, dump_config, from_dict
 from ..data import DataStats, augment, make_train_loader
 from ..models.likelihood import LOG_2, LOG_BIN_WIDTH_8BIT
+from ..models.precision import apply_precision
 from ..models.tarflow import NULL_LABEL, TarFlow
 from ..models.transformer import TransformerLayer
 from ..sampling import sample_indices, save_grid
@@ -213,15 +214,6 @@ def configure_precision(model: TarFlow, config: RunConfig, device: torch.device)
     precision = resolve_precision(config)
     apply_precision(model, precision, device, tf32=config.deepspeed.tf32)
     return precision
-
-
-def apply_precision(model: TarFlow, precision: str, device: torch.device, tf32: bool = True) -> None:
-    """bf16: the Transformer trunks autocast to bf16; fp32: TF32 matmuls on a GPU when `tf32` (process-wide)."""
-    model.set_trunk_dtype(torch.bfloat16 if precision == "bf16" else None)
-    if device.type == "cuda":
-        allow = precision == "fp32" and tf32
-        torch.backends.cuda.matmul.allow_tf32 = allow
-        torch.backends.cudnn.allow_tf32 = allow
 
 
 def master_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

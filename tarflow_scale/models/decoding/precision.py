@@ -7,6 +7,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ..precision import tf32_matmuls
+
 
 def cache_dtype(precision: str, state_dtype: torch.dtype) -> torch.dtype:
     """The KV cache holds bf16 under bf16 sampling (half the memory of fp32), else the flow state's dtype."""
@@ -24,11 +26,7 @@ def matmul_precision(precision: str, device_type: str) -> Iterator[None]:
         with torch.autocast(device_type, dtype=torch.bfloat16):
             yield
     elif precision == "tf32":
-        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        try:
+        with tf32_matmuls(True):
             yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     else:
         yield
