@@ -90,9 +90,10 @@ def tweedie_denoise(
     posterior mean E[x0 | x] (Tweedie's formula; TarFlow §2.4). `step` scales the move (0: identity).
 
     `batch_size` > 0 runs the forward+backward over at most that many images at a time: the backward pass keeps
-    every activation, about 3 GiB per 64x64 image for the paper's model in fp32, so a whole sampling chunk would
-    not fit a GPU. Each image's score depends only on that image, so the result equals the unbatched call.
-    `precision`: the score's (see `score`); evaluation and `sample_images` pass the sampling precision.
+    the activations the score needs, about 1.9 GiB per 64x64 image for the paper's model in fp32 (docs/gpu.md), so
+    a whole sampling chunk would not fit a GPU. Each image's score depends only on that image, so the result equals
+    the unbatched call. `precision`: the score's (see `score`); evaluation and `sample_images` pass the sampling
+    precision.
     """
     if noise_std < 0:
         raise ValueError(f"noise_std must be >= 0, got {noise_std}")

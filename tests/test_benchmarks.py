@@ -95,11 +95,11 @@ def test_gpu_proof_runs_every_part_at_toy_size_without_ray(tmp_path):
     report = (tmp_path / "out" / "gpu_proof.md").read_text()
     assert done.returncode == 0, report[-3000:] + done.stderr[-3000:]
     for expected in (
-        "## 1. Environment", "4 skipped", "## 2. Training: imagenet64_cond, one rank, ZeRO-2", "training images/s",
+        "## 1. Environment", "6 skipped", "## 2. Training: imagenet64_cond, one rank, ZeRO-2", "training images/s",
         "MFU", "causal attention counted as half", "checkpoint save", "| export == DeepSpeed's fp32 consolidation "
         "of the checkpoint | True", "## 2. Training: imagenet64_density", "peak memory measured", "## 3. Sampling",
         "| sequential |", "| jacobi (tol 1e-2, bf16's floor) |", "passes per block", "## 4. Evaluation",
-        "bits/dim, strict fp32", "Tweedie denoise",
+        "bits/dim, strict fp32", "Tweedie denoise", "KV cache read per token", "Tweedie denoise, bf16 trunk",
     ):  # fmt: skip
         assert expected in report, expected
     assert report.count("done in") == 4 and "stopped at" not in report and "failed" not in report

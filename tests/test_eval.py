@@ -487,6 +487,11 @@ def test_full_evaluation_is_exact_once_and_independent_of_the_worker_count(ray_s
     assert two["results"]["sample"]["settings"]["guidance"] == {"weight": 1.5, "annealed": True, "attn_temp": 1.0}
     assert two["results"]["fid"]["settings"]["decoding"]["mode"] == "sequential"
     assert (two["training_noise"]["noise"], two["training_noise"]["noise_std"]) == ("gaussian", TRAIN_NOISE)
+    assert {job: result["precision"] for job, result in two["results"].items()} == {
+        "bpd": {"likelihood": "fp32"}, "sample": {"sampling": "fp32"},
+        "denoise": {"sampling": "fp32", "tweedie_score": "fp32"}, "fid_stats": {"features": "fp32"},
+        "fid": {"sampling": "fp32", "tweedie_score": "fp32", "features": "fp32"},
+    }  # fmt: skip
 
     # BPD: every held-out key exactly once, and the same numbers as one process computing everything.
     bpd = two["results"]["bpd"]

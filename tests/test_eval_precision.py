@@ -177,3 +177,21 @@ def test_eval_precision_settings_and_their_record():
     assert "approximation" in job_precision("bpd", override, denoised=False)["note"]
     with pytest.raises(ConfigError, match="eval.bpd_precision"):
         load_config(overrides=["eval.bpd_precision=fp16"])
+
+
+def test_sample_images_denoises_at_the_decoding_precision(monkeypatch):
+    """`sample_images` (and `tarflow-sample`, which calls it) runs the Tweedie step at `decoding.precision`, and
+    leaves the caller's model trainable and without gradients."""
+    from tarflow_scale import sampling
+    from tarflow_scale.config import Decoding
+
+    seen: list[str | None] = []
+    denoise = sampling.tweedie_denoise
+    monkeypatch.setattr(
+        sampling, "tweedie_denoise", lambda *a, **kw: seen.append(kw.get("precision")) or denoise(*a, **kw)
+    )
+    model = random_model(seed=1)
+    images = sampling.sample_images(model, 3, decoding=Decoding(precision="bf16"), noise_std=0.05, batch_size=2)
+    assert images.shape == (3, 3, SIZE, SIZE) and seen == ["bf16", "bf16"]
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    assert all(block.trunk_dtype is None for block in model.blocks)

@@ -109,3 +109,38 @@ def test_bucketed_cuda_graphs_replay_the_eager_samples(monkeypatch):
     monkeypatch.setattr(tarflow, "block_decoder", lambda decoding, index: static_sequential)
     static = model.inverse(z, y, guided)
     torch.testing.assert_close(graphed, static, atol=1e-6, rtol=1e-6)  # the same kernels, launched one by one
+
+
+def test_frozen_score_and_bf16_trunk_lower_the_tweedie_peak_on_gpu():
+    """The Tweedie step's peak GPU memory: freezing the parameters drops each Linear's input from what autograd keeps
+    (by the per-layer count of config/memory.py, 2TC + TH of 8TC + 2TH values: ~37%), the bf16 trunk halves the
+    matmul inputs; the bf16 step stays within bf16 rounding of fp32 (tests/test_eval_precision.py)."""
+    from tarflow_scale.sampling import tweedie_denoise
+
+    model = small_model().cuda()
+    x = torch.randn(16, 3, 16, 16, device="cuda") * 0.5
+    y = torch.arange(16, device="cuda") % 3
+
+    def peak(fn) -> int:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+
+    def unfrozen() -> torch.Tensor:
+        with torch.enable_grad():
+            xx = x.detach().requires_grad_(True)
+            return torch.autograd.grad(model.log_prob(xx, y).sum(), xx)[0]
+
+    unfrozen_peak = peak(unfrozen)
+    fp32_peak = peak(lambda: tweedie_denoise(model, x, 0.05, y, precision="fp32"))
+    bf16_peak = peak(lambda: tweedie_denoise(model, x, 0.05, y, precision="bf16"))
+    assert fp32_peak < 0.85 * unfrozen_peak, (fp32_peak, unfrozen_peak)
+    assert bf16_peak < fp32_peak, (bf16_peak, fp32_peak)
+    fp32 = tweedie_denoise(model, x, 0.05, y, precision="fp32")
+    bf16 = tweedie_denoise(model, x, 0.05, y, precision="bf16")
+    assert (bf16 - fp32).abs().max() <= 0.02 * (fp32 - x).abs().max() + 1e-6
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())

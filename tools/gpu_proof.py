@@ -314,6 +314,7 @@ def part_eval(args, report: Report) -> None:
     from tarflow_scale.benchmarks.common import perturb_heads
     from tarflow_scale.config import EvalConfig, load_config
     from tarflow_scale.models.likelihood import LOG_BIN_WIDTH_8BIT
+    from tarflow_scale.models.precision import precision_scope
     from tarflow_scale.models.tarflow import TarFlow
     from tarflow_scale.sampling import tweedie_denoise
 
@@ -338,27 +339,31 @@ def part_eval(args, report: Report) -> None:
         f"## 4. Evaluation: imagenet64_cond model ({'toy' if smoke else 'paper'} size), eval batch {bpd_batch}, "
         f"denoise batch {denoise_batch}{'' if smoke else ' (the defaults: eval.batch_size, eval.denoise_batch_size)'}"
     )
-    for tf32 in (False, True) if device.type == "cuda" else (False,):
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        precision = "fp32 + TF32 matmuls" if tf32 else "strict fp32 (the evaluation's setting)"
-        with torch.no_grad():
+    labels = {
+        "fp32": "strict fp32 (eval.bpd_precision's default)",
+        "tf32": "TF32 matmuls",
+        "bf16": "bf16 trunk",
+    }
+    for precision in ("fp32", "tf32", "bf16") if device.type == "cuda" else ("fp32", "bf16"):
+        with torch.no_grad(), precision_scope(model, precision, device):
             model.bits_per_dim(x[:1], None if y is None else y[:1], LOG_BIN_WIDTH_8BIT)  # warm-up
             sync(device)
             start = time.perf_counter()
             model.bits_per_dim(x, y, LOG_BIN_WIDTH_8BIT)
             sync(device)
-        report.row(f"bits/dim, {precision}", f"{bpd_batch / (time.perf_counter() - start):.1f} images/s")
-        tweedie_denoise(model, xd[:1], 0.05, None if yd is None else yd[:1])  # warm-up
+        report.row(f"bits/dim, {labels[precision]}", f"{bpd_batch / (time.perf_counter() - start):.1f} images/s")
+        # The Tweedie step at eval.decoding.precision = `precision` (parameters frozen for the score).
+        tweedie_denoise(model, xd[:1], 0.05, None if yd is None else yd[:1], precision=precision)  # warm-up
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         sync(device)
         start = time.perf_counter()
-        tweedie_denoise(model, xd, 0.05, yd, batch_size=denoise_batch)
+        tweedie_denoise(model, xd, 0.05, yd, batch_size=denoise_batch, precision=precision)
         sync(device)
         seconds = time.perf_counter() - start
         report.row(
-            f"Tweedie denoise, {precision}",
+            f"Tweedie denoise, {labels[precision].split(' (')[0]}",
             f"{len(xd) / seconds:.2f} images/s; peak "
             + (f"{peak_gib(device):.1f} GiB (GPU allocator)" if device.type == "cuda" else "n/a on a CPU")
             + f" at {denoise_batch} images per forward+backward",

@@ -231,7 +231,7 @@ class EvalConfig:
     # inception-2015-12-05.pt, or a folder holding it; "": clean-fid's own location (/tmp). Never downloaded.
     inception_path: str = ""
     # Images per forward+backward of the Tweedie step (its activations are kept for the backward pass: about
-    # 3 GiB per 64x64 image for the paper's model in fp32); 0: eval.batch_size. The default fits an 80 GB GPU.
+    # 1.9 GiB per 64x64 image for the paper's model in fp32); 0: eval.batch_size. The default fits an 80 GB GPU.
     denoise_batch_size: int = 16
     out_dir: str = ""  # metrics.json and PNGs; "": an `eval` folder beside the checkpoint
     progress_every_s: float = 10.0  # seconds between progress lines on the driver
