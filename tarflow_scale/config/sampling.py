@@ -89,8 +89,8 @@ class Decoding:
         default=(),
     )
     precision: Precision = _help(
-        "the Transformer's matmuls and KV cache (bf16 halves the cache; tf32: CUDA matmuls only); the flow state, "
-        "token transforms and guidance stay fp32",
+        "the Transformer's matmuls and KV cache (bf16 halves the cache; tf32: CUDA matmuls only), also in the "
+        "denoising Tweedie step; the flow state, token transforms and guidance stay fp32",
         default="fp32",
     )
     compile: bool = _help(

@@ -4,9 +4,10 @@ The eager sequential decoder (FlowBlock.decode_sequential) reads the KV cache up
 position has its own shapes. `static_step` gives the positions of one bucket the same shapes: the position is a 0-d
 tensor, and the step reads a fixed-length prefix of the cache under a mask (CausalSelfAttention.cached). The
 prefix lengths are `read_buckets(T)`, T/8 .. T by doublings, and position t reads the shortest one covering t + 1
-slots, so a step reads at most twice the slots the eager step reads (about 4/3 of them over a block, against 2x
-when every step read all T: docs/sampling.md). torch.compile builds one graph per bucket, and a GPU captures one
-CUDA graph per bucket and block and replays it at that bucket's positions (one launch per token).
+slots, so a step past the first T/8 positions reads less than twice the slots the eager step reads (over a block
+about 4/3 of them, against 2x when every step read all T: docs/sampling.md). torch.compile builds one graph per
+bucket, and a GPU captures one CUDA graph per bucket and block and replays it at that bucket's positions (one
+launch per token).
 """
 
 from __future__ import annotations
