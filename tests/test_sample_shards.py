@@ -103,6 +103,19 @@ def test_unlabelled_samples_carry_no_class_and_a_grayscale_model_writes_grayscal
     assert np.array_equal(pixels(first), expected[0, 0].numpy())  # (H, W): an 8-bit grayscale PNG
 
 
+def test_the_decoder_reads_unlabelled_samples_only_where_the_manifest_has_no_classes():
+    from tarflow_scale.data import DataError
+    from tarflow_scale.data.decode import SampleDecoder
+    from tarflow_scale.evaluation.shard_worker import encode_png
+
+    image = torch.randint(0, 256, (3, 4, 4), dtype=torch.uint8)
+    sample = {"__key__": "000000007", "__url__": "s.tar", "png": encode_png(image)}
+    decoded, label, key = SampleDecoder(3, 4, num_classes=0)(sample)
+    assert torch.equal(decoded, image) and (label, key) == (0, "000000007")
+    with pytest.raises(DataError, match="s.tar: sample '000000007' has no 'cls' field"):
+        SampleDecoder(3, 4, num_classes=2)(sample)
+
+
 def test_the_folder_refuses_other_settings_naming_each_and_foreign_shards(tmp_path):
     model = random_model(num_classes=CLASSES)
     fingerprint = model_fingerprint(model)
@@ -132,6 +145,7 @@ def test_cli_refuses_shard_flags_with_png_and_other_settings_before_ray(tmp_path
     path = export(model, tmp_path / "m.safetensors")
     assert sample_cli.main([str(path), "--num", "4", "--workers", "2", "--out", str(tmp_path / "p")]) == 2
     assert capsys.readouterr().err == "tarflow-sample: --workers apply to --format shards\n"
+    assert sample_cli.DEFAULT_SHARD_SIZE == ShardSampling(num=1).shard_size  # --help's default is the library's
     out = tmp_path / "s"
     out.mkdir()
     spec = ShardSampling(num=4, seed=0, labels="balanced", denoise_noise_std=0.05, shard_size=1000)
@@ -142,6 +156,19 @@ def test_cli_refuses_shard_flags_with_png_and_other_settings_before_ray(tmp_path
     assert len(err) == 1 and err[0].startswith(f"tarflow-sample: --out {out} holds samples drawn with other settings")
     assert "--guidance: 0.0 there, 1.5 now" in err[0] and "the denoising noise std" in err[0]
     assert not (out / ".tarflow.lock").exists()  # the lock is released
+
+
+def test_ctrl_c_says_the_complete_shards_are_kept_and_releases_the_folder(tmp_path, monkeypatch, capsys):
+    import tarflow_scale.evaluation.shard_sampling as shard_sampling
+
+    path = export(random_model(num_classes=CLASSES), tmp_path / "m.safetensors")
+    out = tmp_path / "s"
+    monkeypatch.setattr(shard_sampling, "sample_to_shards", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert sample_cli.main([str(path), "--num", "4", "--format", "shards", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"tarflow-sample: interrupted; the complete shards are kept in {out}: re-run the same command to continue"
+    ]
+    assert not (out / ".tarflow.lock").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -238,7 +265,9 @@ def test_shards_at_1_and_2_workers_equal_the_png_sampler_and_verify(ray_session,
     # The same command again: nothing to draw, the same files; other settings: refused, naming them.
     before = shard_hashes(two)
     assert sample_cli.main([*shards, "--workers", "2", "--out", str(two)]) == 0
-    assert "4 of 4 shards already complete" in capsys.readouterr().out and shard_hashes(two) == before
+    printed = capsys.readouterr().out
+    assert "4 of 4 shards already complete" in printed and "nothing to draw" in printed
+    assert shard_hashes(two) == before
     assert sample_cli.main([*shards, "--seed", "6", "--out", str(two)]) == 2
     assert "--seed: 5 there, 6 now" in capsys.readouterr().err
 

@@ -276,13 +276,16 @@ def sample_shards(args: argparse.Namespace, checkpoint: Path, model, denoise_std
         print(f"tarflow-sample: interrupted; the complete shards are kept in {out}: re-run the same command to "
               "continue", file=sys.stderr)  # fmt: skip
         return 130
-    made = report.images_sampled
+    where = f"{report.num_samples} samples: {out}/{report.pattern}, manifest {report.manifest}"
+    if not report.images_sampled:
+        print(f"nothing to draw: all {report.num_shards} shards were already complete. {where}")
+        return 0
     rate = f"{report.images_per_s:.2f} images/s, {report.images_per_s / report.num_workers:.2f} per worker"
-    reused = f", {report.shards_reused} already complete" if report.shards_reused else ""
+    reused = f", {report.shards_reused} were already complete" if report.shards_reused else ""
     print(
-        f"wrote {made} samples in {report.num_shards - report.shards_reused} shards ({report.num_workers} workers"
-        f"{reused}) in {report.seconds:.1f}s: {rate}; {report.redrawn} non-finite redrawn. {report.num_samples} "
-        f"samples: {out}/{report.pattern}, manifest {report.manifest}"
+        f"wrote {report.images_sampled} samples in {report.num_shards - report.shards_reused} shards "
+        f"({report.num_workers} workers{reused}) in {report.seconds:.1f}s: {rate}; {report.redrawn} non-finite "
+        f"samples redrawn. {where}"
     )
     return 0
 

@@ -66,7 +66,8 @@ def init_ray(address: str | None) -> bool:
 
 
 class WorkerPool:
-    """N EvalWorker actors; work items go to whichever worker is free, and a lost worker is replaced.
+    """N worker actors (EvalWorker unless told otherwise); work items go to whichever worker is free, and a lost
+    worker is replaced.
 
     A worker that dies (its process or its node) loses only the item it was running: the item goes back to the
     queue and a new actor is started wherever the cluster has room. Errors raised by the work itself (DataError,
