@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_path, write_text
-from ..config import ClusterConfig, ConfigError, RunConfig
+from ..config import ClusterConfig, ConfigError, RunConfig, to_dict
 from ..data.manifest import DataError, Manifest, file_sha256, manifest_name, write_manifest
 from ..data.shards import brace_pattern, shard_names
 from ..models.decoding import DecodingStats
@@ -70,8 +70,6 @@ class ShardReport:
 
 def settings_record(spec: ShardSampling, model: TarFlow, model_sha256: str) -> dict[str, Any]:
     """What `.sampling.json` stores and a re-run must repeat: the settings, the model's config and weights."""
-    from ..config import to_dict
-
     return json.loads(
         json.dumps({"model_sha256": model_sha256, "model": to_dict(model.config), **spec.record()}, default=str)
     )
@@ -150,7 +148,7 @@ def _remove_orphan_temps(out_dir: Path) -> None:
 
 
 def _keys_of(path: Path, data: bytes | None = None) -> list[str]:
-    """The sample keys of a tar shard (from `data` when given, else the file), each once per field set."""
+    """The distinct sample keys of a tar shard (read from `data` when given, else from the file), sorted."""
     try:
         with tarfile.open(fileobj=io.BytesIO(data)) if data is not None else tarfile.open(path) as tar:
             return sorted({m.name.split(".", 1)[0] for m in tar if m.isreg()})
@@ -208,7 +206,8 @@ def sample_to_shards(
     out_dir = Path(out_dir)
     say = lambda line: print(line, file=stream, flush=True)  # noqa: E731
     model_sha256 = model_fingerprint(model)
-    claim_folder(out_dir, settings_record(spec, model, model_sha256), source, names)
+    record = settings_record(spec, model, model_sha256)
+    claim_folder(out_dir, record, source, names)
     _remove_orphan_temps(out_dir)
     names_of = shard_names(SHARD_NAME, SHARD_SPLIT, spec.num_shards)
     done: dict[int, tuple[str, int]] = {}  # shard -> (sha256, bytes)
@@ -222,8 +221,10 @@ def sample_to_shards(
     if reused:
         say(f"[sample shards] {reused} of {spec.num_shards} shards already complete in {out_dir}")
     report = ShardReport(
-        out_dir, out_dir / manifest_name(SHARD_SPLIT), brace_pattern(SHARD_NAME, SHARD_SPLIT, spec.num_shards),
-        spec.num, spec.num_shards, reused, 0, 0.0, 0.0, num_workers,
+        out_dir=out_dir, manifest=out_dir / manifest_name(SHARD_SPLIT),
+        pattern=brace_pattern(SHARD_NAME, SHARD_SPLIT, spec.num_shards), num_samples=spec.num,
+        num_shards=spec.num_shards, shards_reused=reused, images_sampled=0, seconds=0.0, startup_s=0.0,
+        num_workers=num_workers,
     )  # fmt: skip
     if todo:
         start = time.perf_counter()
@@ -267,7 +268,7 @@ def sample_to_shards(
             if started:
                 with contextlib.suppress(Exception):
                     ray.shutdown()
-    manifest = _manifest(out_dir, spec, model, done, settings_record(spec, model, model_sha256))
+    manifest = _manifest(out_dir, spec, model, done, record)
     write_manifest(str(out_dir), manifest)
     return report
 
