@@ -146,3 +146,19 @@ def test_sample_benchmark_trains_on_the_device_it_measures(monkeypatch):
     with pytest.raises(Trained) as trained:
         sample.main(["--device", "meta", "--train-steps", "1", "model.num_blocks=1"])
     assert trained.value.args[0] == torch.device("meta")
+
+
+@pytest.mark.slow  # starts Ray
+def test_shard_sampling_benchmark_runs_at_toy_size_and_finds_identical_shards(capsys):
+    from tarflow_scale.cli.bench import main
+
+    overrides = ["model.image_size=8", "model.patch_size=2", "model.channels=32", "model.head_dim=16",
+                 "model.num_blocks=2", "model.layers_per_block=1", "model.num_classes=3"]  # fmt: skip
+    argv = ["shards", "--num", "6", "--shard-size", "2", "--batch-size", "2", "--workers", "1,2", "--guidance", "1"]
+    assert main([*argv, *overrides]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split("|")[1:-1] for line in lines if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert [int(r[0]) for r in rows] == [1, 2]
+    for workers, rate, per_worker, *_ in rows:
+        assert float(rate) > 0 and abs(float(per_worker) - float(rate) / int(workers)) < 0.01 + 1e-3 * float(rate)
+    assert "# shards identical across worker counts [1, 2]: yes" in lines

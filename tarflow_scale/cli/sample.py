@@ -19,6 +19,9 @@ from tarflow_scale.config import Decoding, Guidance, SettingError
 FLAGS = {"weight": "--guidance", "mode": "--decoding"}
 FLAG_NAMES = {f.name: FLAGS.get(f.name, "--" + f.name.replace("_", "-")) for cls in (Guidance, Decoding)
               for f in dataclasses.fields(cls)}  # fmt: skip
+FORMATS = ("png", "shards")
+SHARD_FLAGS = ("workers", "address", "shard_size", "cpus_per_worker")  # only with --format shards
+DEFAULT_SHARD_SIZE = 1000  # evaluation/shard_worker.py's, not imported here: --help does not load torch
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, cls: type, prefix: str) -> None:
@@ -42,7 +45,6 @@ def add_setting_flags(parser: argparse.ArgumentParser, cls: type, prefix: str) -
 def settings_from_args(args: argparse.Namespace, cls: type, prefix: str) -> Any:
     """The `cls` (Guidance or Decoding) the flags of `add_setting_flags` describe."""
     return cls(**{f.name: getattr(args, f"{prefix}.{f.name}") for f in dataclasses.fields(cls)})
-
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,13 +79,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=32, help="samples drawn at once (default 32)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--out", default=None, help="output folder (default: a 'sampled' folder beside CHECKPOINT)")
+    parser.add_argument("--out", default=None, help="output folder (default: a 'sampled' folder beside CHECKPOINT, "
+                        "'sampled_shards' with --format shards)")  # fmt: skip
+    parser.add_argument("--format", choices=FORMATS, default="png", help="png: one PNG per sample, a grid and an "
+                        "npz, in this process (default); shards: WebDataset shards and a tarflow-data manifest, "
+                        "drawn by Ray workers, resumable (docs/sampling.md)")  # fmt: skip
+    shards = parser.add_argument_group("--format shards")
+    shards.add_argument("--workers", type=int_at_least(1), default=None, help="Ray workers (default 1); one GPU "
+                        "each when the cluster has GPUs (or --device cuda)")  # fmt: skip
+    shards.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else an "
+                        "embedded local one)")  # fmt: skip
+    shards.add_argument("--shard-size", type=int_at_least(1), default=None,
+                        help=f"samples per shard (default {DEFAULT_SHARD_SIZE})")  # fmt: skip
+    shards.add_argument("--cpus-per-worker", type=int_at_least(1), default=None, help="CPUs (torch threads) per "
+                        "worker (default 1)")  # fmt: skip
     return parser.parse_args(argv)
 
 
-def default_out_dir(checkpoint: Path) -> Path:
+def default_out_dir(checkpoint: Path, name: str = "sampled") -> Path:
     base = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    return base / "sampled"
+    return base / name
 
 
 def write_outputs(out: Path, images, labels, settings: dict) -> None:
@@ -113,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     except SettingError as e:
         print(f"tarflow-sample: {e.at(FLAG_NAMES)}", file=sys.stderr)
         return 2
+    unused = [f"--{name.replace('_', '-')}" for name in SHARD_FLAGS if getattr(args, name) is not None]
+    if args.format != "shards" and unused:
+        print(f"tarflow-sample: {', '.join(unused)} apply to --format shards", file=sys.stderr)
+        return 2
     import torch
 
     from tarflow_scale.artifacts import CheckpointError, load_model, read_provenance
@@ -121,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
 
     checkpoint = Path(args.checkpoint)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shards = args.format == "shards"
+    if shards:  # the driver only hands the weights to the workers, whose device is decided with the cluster
+        device = "cpu"
     if args.num < 1:
         print("tarflow-sample: --num must be >= 1", file=sys.stderr)
         return 2
@@ -131,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tarflow-sample: {e}", file=sys.stderr)
         return 2
     try:
-        args.decoding.check(model, torch.device(device).type, key=FLAG_NAMES)
+        args.decoding.check(model, None if shards else torch.device(device).type, key=FLAG_NAMES)
     except SettingError as e:
         print(f"tarflow-sample: {e}", file=sys.stderr)
         return 2
@@ -159,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"tarflow-sample: {e}", file=sys.stderr)
         return 2
+    if shards:
+        return sample_shards(args, checkpoint, model, noise_std if denoise else 0.0)
     out = Path(args.out) if args.out else default_out_dir(checkpoint)
     try:  # before any sample is drawn: a file in the way, a read-only or full disk
         prepare_output_dir(out, f"--out {out}")
@@ -202,6 +226,67 @@ def main(argv: list[str] | None = None) -> int:
     took = time.time() - start
     what = f"denoised with the training noise std {noise_std:g}" if denoise else "not denoised"
     print(f"wrote {args.num} samples ({what}) in {took:.1f}s: {out}/000000.png ..., {out}/grid.png, {out}/samples.npz")
+    return 0
+
+
+def sample_shards(args: argparse.Namespace, checkpoint: Path, model, denoise_std: float) -> int:
+    """--format shards: the sampling settings assembled, the output folder locked, the Ray workers run."""
+    from tarflow_scale.cli.common import is_storage_error, storage_error_line
+    from tarflow_scale.config import ConfigError
+    from tarflow_scale.data import DataError
+    from tarflow_scale.evaluation.generate import NonFiniteSamplesError
+    from tarflow_scale.evaluation.shard_sampling import ShardSampling, sample_to_shards
+    from tarflow_scale.run_lock import lock_output_dir
+
+    out = Path(args.out) if args.out else default_out_dir(checkpoint, "sampled_shards")
+    labels = tuple(args.classes) if args.classes else "balanced" if args.balanced else None
+    spec = ShardSampling(
+        num=args.num, seed=args.seed, labels=labels, guidance=args.guidance, decoding=args.decoding,
+        denoise_noise_std=denoise_std, shard_size=args.shard_size or DEFAULT_SHARD_SIZE,
+    )  # fmt: skip
+    # How each recorded setting is given here, for the error of a re-run with other settings.
+    names = {f"{prefix}.{name}": flag for name, flag in FLAG_NAMES.items() for prefix in ("guidance", "decoding")}
+    names |= {"num": "--num", "seed": "--seed", "labels": "--class/--balanced", "shard_size": "--shard-size",
+              "denoise_noise_std": "the denoising noise std (--no-denoise, or the checkpoint's training noise)",
+              "model": f"CHECKPOINT {checkpoint}", "out": f"--out {out}"}  # fmt: skip
+    use_gpu = None if args.device is None else args.device.startswith("cuda")
+    try:
+        with lock_output_dir(out, f"--out {out}"):  # one sampler per folder
+            report = sample_to_shards(
+                model, out, spec, source=str(checkpoint), num_workers=args.workers or 1, address=args.address,
+                use_gpu=use_gpu, cpus_per_worker=args.cpus_per_worker or 1, batch_size=args.batch_size, names=names,
+            )  # fmt: skip
+    except SettingError as e:
+        print(f"tarflow-sample: {e.at(FLAG_NAMES)}", file=sys.stderr)
+        return 2
+    except (ConfigError, DataError, NonFiniteSamplesError) as e:
+        text = (
+            str(e).replace("cluster.num_workers", "--workers").replace("cluster.cpus_per_worker", "--cpus-per-worker")
+        )
+        print(f"tarflow-sample: {text}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not is_storage_error(e):
+            raise
+        print(
+            f"tarflow-sample: {storage_error_line(e)} (complete shards are kept; re-run to continue)", file=sys.stderr
+        )
+        return 2
+    except KeyboardInterrupt:
+        print(f"tarflow-sample: interrupted; the complete shards are kept in {out}: re-run the same command to "
+              "continue", file=sys.stderr)  # fmt: skip
+        return 130
+    where = f"{report.num_samples} samples: {out}/{report.pattern}, manifest {report.manifest}"
+    if not report.images_sampled:
+        print(f"nothing to draw: all {report.num_shards} shards were already complete. {where}")
+        return 0
+    rate = f"{report.images_per_s:.2f} images/s, {report.images_per_s / report.num_workers:.2f} per worker"
+    reused = f", {report.shards_reused} were already complete" if report.shards_reused else ""
+    print(
+        f"wrote {report.images_sampled} samples in {report.num_shards - report.shards_reused} shards "
+        f"({report.num_workers} workers{reused}) in {report.seconds:.1f}s: {rate}; {report.redrawn} non-finite "
+        f"samples redrawn. {where}"
+    )
     return 0
 
 

@@ -4,6 +4,7 @@ non-finite samples."""
 from __future__ import annotations
 
 import hashlib
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -52,6 +53,7 @@ def generate(
     seed: int = 0,
     max_redraws: int = 10,
     stats: DecodingStats | None = None,
+    labels: Tensor | Literal["balanced"] | None = "balanced",
 ) -> tuple[Tensor, Tensor | None, int]:
     """Samples (B, C, H, W) in model space (~[-1, 1]), their labels (B,) or None, and the number of redraws.
     `stats` receives the model passes of every sampling call, redraws included.
@@ -59,11 +61,13 @@ def generate(
     Sample k depends only on (seed, k, guidance, decoding): its noise comes from `per_sample_noise(seed, k)` and
     its label is k mod num_classes, so the images do not depend on the batch size or the number of workers. A
     sample with a NaN/inf value is redrawn from `redraw_seed(seed, attempt)` (again a function of k alone) and
-    counted; after `max_redraws` attempts NonFiniteSamplesError names the indices.
+    counted; after `max_redraws` attempts NonFiniteSamplesError names the indices. `labels`: "balanced" (the
+    evaluation's k mod num_classes), the labels (B,) of these indices, or None (no class: the null label).
     """
     guidance = guidance or Guidance()
     indices = [int(i) for i in indices]
-    labels = balanced_labels(indices, model.config.num_classes)
+    if isinstance(labels, str):
+        labels = balanced_labels(indices, model.config.num_classes)
     device = next(model.parameters()).device
     labels = None if labels is None else labels.to(device)
     images = sample_indices(model, indices, seed, labels, guidance, decoding, stats)

@@ -51,6 +51,11 @@ class Progress:
         return {"seconds": seconds, f"{self.unit}_per_s": rate}
 
 
+def _a(what: str) -> str:
+    """`an evaluation`, `a sampling`: the workers' name with its article."""
+    return f"{'an' if what[:1] in 'aeiou' else 'a'} {what}"
+
+
 def init_ray(address: str | None) -> bool:
     """Join `address`, else RAY_ADDRESS, else start an embedded local cluster; True when this call started Ray."""
     if ray.is_initialized():
@@ -61,7 +66,8 @@ def init_ray(address: str | None) -> bool:
 
 
 class WorkerPool:
-    """N EvalWorker actors; work items go to whichever worker is free, and a lost worker is replaced.
+    """N worker actors (EvalWorker unless told otherwise); work items go to whichever worker is free, and a lost
+    worker is replaced.
 
     A worker that dies (its process or its node) loses only the item it was running: the item goes back to the
     queue and a new actor is started wherever the cluster has room. Errors raised by the work itself (DataError,
@@ -70,11 +76,25 @@ class WorkerPool:
 
     MAX_REPLACEMENTS_PER_WORKER = 3  # then the cluster is failing, not occasionally losing a node
 
-    def __init__(self, model: TarFlow, config: RunConfig, num_workers: int, source: str = "the evaluated model"):
+    def __init__(
+        self,
+        model: TarFlow,
+        config: RunConfig,
+        num_workers: int,
+        source: str = "the evaluated model",
+        *,
+        worker: type = EvalWorker,
+        worker_args: tuple | None = None,
+        what: str = "evaluation",
+    ):
+        """`worker` is the actor class, built as `worker(payload, *worker_args)` (payload: the model config, its
+        weights and `source`); the default is EvalWorker with (config, use_gpu, threads). `what` names the
+        workers in messages."""
         cluster = config.cluster
+        self.what = what
         per_worker = {"CPU": cluster.cpus_per_worker, "GPU": 1 if cluster.use_gpu else 0}
         wait_for_capacity(
-            WorkerRequest("evaluation", num_workers, per_worker),
+            WorkerRequest(what, num_workers, per_worker),
             lambda: [node["Resources"] for node in ray.nodes() if node["Alive"]],
             autoscale=cluster.autoscale,
             timeout_s=cluster.startup_timeout_s,
@@ -86,16 +106,17 @@ class WorkerPool:
         # `source` names the checkpoint in a worker's error.
         self._payload = ray.put({"model_config": to_dict(model.config), "state": state, "source": source})
         # SPREAD: one lost node takes as few workers as possible with it.
-        self._actor = ray.remote(EvalWorker).options(
+        self._actor = ray.remote(worker).options(
             num_cpus=cluster.cpus_per_worker, num_gpus=1 if cluster.use_gpu else 0, scheduling_strategy="SPREAD"
         )
-        self._args = (to_dict(config), cluster.use_gpu, cluster.cpus_per_worker)
+        default_args = (to_dict(config), cluster.use_gpu, cluster.cpus_per_worker)
+        self._args = default_args if worker_args is None else tuple(worker_args)
         self.actors = [self._new_actor() for _ in range(num_workers)]
         start = time.perf_counter()
         try:
             self.devices = ray.get([a.ready.remote() for a in self.actors])
         except ray.exceptions.RayActorError as e:
-            raise RuntimeError(f"an evaluation worker failed to start: {e}") from e
+            raise RuntimeError(f"{_a(what)} worker failed to start: {e}") from e
         self.startup_s = time.perf_counter() - start
         self.size = num_workers
         self.replaced = 0  # workers lost and replaced during this evaluation
@@ -110,9 +131,11 @@ class WorkerPool:
         progress: Progress,
         count: Callable[[Any], int],
         on_result: Callable[[int, Any], None] | None = None,
+        keep_results: bool = True,
     ) -> list[Any]:
         """Run `method(*item)` for every item; `on_result(i, result)` runs on the driver as each one finishes
-        (it saves the unit). Returns the results in item order."""
+        (it saves the unit). Returns the results in item order (None each when not `keep_results`: results that
+        `on_result` has written out need not stay in the driver's memory)."""
         from collections import deque
 
         results: list[Any] = [None] * len(items)
@@ -125,7 +148,7 @@ class WorkerPool:
                 actor, i = idle.pop(), queue.popleft()
                 running[getattr(actor, method).remote(*items[i])] = (actor, i)
             if not running and not starting:
-                raise RuntimeError(f"every evaluation worker was lost; {len(queue)} {method} items left")
+                raise RuntimeError(f"every {self.what} worker was lost; {len(queue)} {method} items left")
             ready, _ = ray.wait([*running, *starting], num_returns=1)
             ref = ready[0]
             if ref in starting:
@@ -146,21 +169,21 @@ class WorkerPool:
                     raise cause from None  # ours (DataError, FidError, ...): its message names the culprit, one line
                 raise e.as_instanceof_cause() from None  # anything else keeps the worker's traceback
             except ray.exceptions.RayActorError as e:  # the process or its node is gone: redo its item elsewhere
-                print(f"[{method}] an evaluation worker was lost ({type(e).__name__}); redoing its unit", flush=True)
+                print(f"[{method}] {_a(self.what)} worker was lost ({type(e).__name__}); redoing its unit", flush=True)
                 queue.appendleft(i)
                 self._replace(actor, starting, reason=str(e))
                 continue
             if on_result is not None:
                 on_result(i, result)
             progress.update(count(result))
-            results[i] = result
+            results[i] = result if keep_results else None
             idle.append(actor)
         return results
 
     def _replace(self, actor, starting: dict, reason: str) -> None:
         self.replaced += 1
         if self.replaced > self.MAX_REPLACEMENTS_PER_WORKER * self.size:
-            raise RuntimeError(f"{self.replaced} evaluation workers lost; the last: {reason}")
+            raise RuntimeError(f"{self.replaced} {self.what} workers lost; the last: {reason}")
         self.actors = [a for a in self.actors if a is not actor]
         with contextlib.suppress(Exception):
             ray.kill(actor)
