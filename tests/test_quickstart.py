@@ -304,8 +304,8 @@ def test_cli_passes_verbose_and_says_a_finished_run_is_finished(tmp_path, monkey
 
     seen = {}
 
-    def fake_launch(config, address=None, allow_config_change=(), console=None):
-        seen["console"] = console
+    def fake_launch(config, address=None, allow_config_change=(), console=None, trust_checkpoint=False):
+        seen["console"], seen["trust"] = console, trust_checkpoint
         return cluster.LaunchOutcome(Path(config.run_dir), True, 6, 6, 0.0)
 
     monkeypatch.setattr(cluster, "launch", fake_launch)
@@ -313,7 +313,8 @@ def test_cli_passes_verbose_and_says_a_finished_run_is_finished(tmp_path, monkey
     assert seen["console"].verbose is True
     assert "already finished at step 6" in capsys.readouterr().out
     assert cli.main([f"run_dir={tmp_path / 'r'}"]) == 0
-    assert seen["console"].verbose is False
+    assert seen["console"].verbose is False and seen["trust"] is False
+    assert cli.main(["--trust-checkpoint", f"run_dir={tmp_path / 'r'}"]) == 0 and seen["trust"] is True
 
 
 def test_quiet_and_verbose_library_settings():

@@ -114,16 +114,22 @@ def check_finished_run(run_dir: Path) -> None:
 
 
 def check_export_matches_engine(run_dir: Path, tmp_path: Path) -> None:
-    """The trainer's own export (gathered from the live engine) equals DeepSpeed's consolidation of the ZeRO
-    checkpoint, and the exported model reproduces the engine's log-likelihood on the probe batch."""
+    """The trainer's own export (gathered from the live engine) equals the export of the ZeRO checkpoint (read by
+    our weights-only reader) and DeepSpeed's own consolidation of it, and the exported model reproduces the
+    engine's log-likelihood on the probe batch."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
+
+    from tarflow_scale.artifacts.checkpoints import strip_wrapper_prefixes
 
     exported = export_checkpoint(latest_checkpoint(run_dir), tmp_path / "from_checkpoint.safetensors")
     live = load_file(run_dir / "model.safetensors")
     consolidated = load_file(exported)
-    assert live.keys() == consolidated.keys()
+    by_deepspeed = strip_wrapper_prefixes(get_fp32_state_dict_from_zero_checkpoint(str(latest_checkpoint(run_dir))))
+    assert live.keys() == consolidated.keys() == by_deepspeed.keys()
     for key in live:
         assert torch.equal(live[key], consolidated[key]), key
+        assert torch.equal(by_deepspeed[key], consolidated[key]), key
 
     model = load_model(exported)
     config = load_config(run_dir / "config.yaml")

@@ -1,7 +1,8 @@
 """Artifacts: everything written to disk that holds weights, and the one way back to a model.
 
-`weights`: the checksummed safetensors format; `checkpoints`: training checkpoint folders (completeness,
-ZeRO consolidation, the embedded run config); `exports`: export files and model directories; `model_dir`: the
+`weights`: the checksummed safetensors format; `checkpoints`: training checkpoint folders (completeness and
+checksums, whether a resume may unpickle them, ZeRO consolidation, the embedded run config); `zero_weights`: a ZeRO
+checkpoint's fp32 weights read without unpickling; `exports`: export files and model directories; `model_dir`: the
 model directory layout; `model_card`: its config.json and README.md; `hub`: `PretrainedTarFlow` (the Hugging Face
 Hub mixin); `provenance`: `read_provenance`, what any artifact says about itself; `load`: `build_model` (the one
 strict builder) and `load_model` (any artifact -> model).

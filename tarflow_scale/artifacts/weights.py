@@ -24,6 +24,11 @@ SHARED_FILE_MODE = 0o644  # owner read/write, everyone read
 CHECKSUM_KEY = "weights_sha256"
 # Metadata keys that describe the file itself, not where the weights came from.
 FILE_KEYS = ("format", "model_config", CHECKSUM_KEY, "integrity")
+# The largest |weight| a weight file may hold. AdamW moves a weight by at most about lr (1 - b1) / sqrt(1 - b2) per
+# step (2.2e-3 at lr 1e-3 with the default betas), so 1e4 would take millions of steps all pushing one weight the
+# same way at the top learning rate; trained TarFlows hold weights of a few units (initialisation: <= 1). Beyond it
+# the weights are damaged or diverged: a flipped exponent bit turns 0.05 into 1.7e37.
+MAX_ABS_WEIGHT = 1e4
 
 
 class CheckpointError(RuntimeError):
@@ -52,11 +57,35 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def check_weight_values(state: dict[str, torch.Tensor], source: str) -> None:
+    """CheckpointError naming the first tensor (in name order) holding a NaN, an infinity or |w| > MAX_ABS_WEIGHT."""
+    for name in sorted(state):
+        tensor = state[name].detach()
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            index = tuple(int(i) for i in (~finite).nonzero()[0])
+            raise CheckpointError(
+                f"{source}: {name} holds {float(tensor[index])} at {list(index)} "
+                f"({int((~finite).sum())} non-finite values): damaged or diverged weights are not written"
+            )
+        largest = tensor.abs().max()
+        if float(largest) > MAX_ABS_WEIGHT:
+            index = tuple(int(i) for i in (tensor.abs() == largest).nonzero()[0])
+            raise CheckpointError(
+                f"{source}: {name} holds {float(tensor[index]):.4g} at {list(index)}, beyond the |w| <= "
+                f"{MAX_ABS_WEIGHT:g} a trained TarFlow stays within: damaged or diverged weights are not written"
+            )
+
+
 def write_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Write fp32 weights + metadata (with their checksum) atomically: a temp file renamed over `path`."""
+    """Write fp32 weights + metadata (with their checksum) atomically: a temp file renamed over `path`. Weights that
+    are not finite or beyond MAX_ABS_WEIGHT are refused (CheckpointError naming the tensor)."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
+    check_weight_values(tensors, metadata.get("source") or str(path))
     metadata = {**metadata, CHECKSUM_KEY: weights_sha256(tensors)}
     path = Path(path)
     with atomic.atomic_path(path) as tmp:  # never a half-written file under the final name

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from tarflow_scale.data import DataError
     from tarflow_scale.evaluation.fid import FidError
     from tarflow_scale.evaluation.generate import NonFiniteSamplesError
+    from tarflow_scale.evaluation.outputs import NonFiniteResultError
     from tarflow_scale.evaluation.resolve import default_out_dir, resolve_config
 
     out_dir = None
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         command = ["tarflow-eval", *(sys.argv[1:] if argv is None else argv)]
         with lock_output_dir(out_dir, label, command=" ".join(command)):  # one evaluation per output folder
             report = evaluate(config, info, out_dir, address=args.address, argv=command)
-    except (ConfigError, CheckpointError, DataError, FidError, NonFiniteSamplesError) as e:
+    except (ConfigError, CheckpointError, DataError, FidError, NonFiniteSamplesError, NonFiniteResultError) as e:
         print(f"tarflow-eval: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk or a read-only output folder while units are saved

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from tarflow_scale.artifacts import CheckpointError, export_checkpoint, export_model_dir
+from tarflow_scale.artifacts.weights import MAX_ABS_WEIGHT
 from tarflow_scale.cli.common import is_storage_error, storage_error_line
 
 
@@ -15,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="tarflow-export",
         description="Consolidate a DeepSpeed ZeRO checkpoint folder (or a run directory: its newest checkpoint) "
         "into OUT.safetensors with the model config embedded in its metadata (and OUT.json beside it). "
+        "The checkpoint's checksums are verified and its files read without unpickling (no code in them runs); "
+        f"weights that are not finite or beyond |w| <= {MAX_ABS_WEIGHT:g} are refused. "
         "The result loads with tarflow_scale.load_model, without DeepSpeed or Ray.",
     )
     parser.add_argument("checkpoint", help="checkpoint_* folder written by tarflow-train, or its run directory")

@@ -37,6 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "without it, resuming with a changed model/optimizer/schedule/data/batch setting is refused",
     )
     parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="resume from a checkpoint that is not your own (another user's files, or writable by others): a resume "
+        "unpickles DeepSpeed's engine state, which runs any code planted in it, so only for checkpoints you trust",
+    )
+    parser.add_argument(
         "-v",
         "--verbose",
         action="store_true",
@@ -183,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             address=args.address,
             allow_config_change=tuple(args.allow_config_change),
             console=ConsoleOptions(verbose=args.verbose),
+            trust_checkpoint=args.trust_checkpoint,
         )
     except (
         ConfigError,

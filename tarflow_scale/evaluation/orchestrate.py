@@ -14,7 +14,7 @@ from ..config import ConfigError, RunConfig
 from ..data import DataError, check_first_sample, check_shard_sizes, read_manifest, resolve_data_path
 from . import fid as fidlib
 from .jobs import JOB_ORDER, data_fingerprint, run_bpd, run_fid, run_fid_stats, run_sampling
-from .outputs import METRICS_FILE, build_report, write_per_image, write_report, write_tensorboard
+from .outputs import METRICS_FILE, build_report, check_finite_results, write_per_image, write_report, write_tensorboard
 from .pool import WorkerPool, init_ray
 from .precision import job_precision
 from .units import UnitStore, model_fingerprint
@@ -159,6 +159,7 @@ def evaluate(
     finally:
         if started:
             ray.shutdown()
+    check_finite_results(results, out_dir)  # a NaN would become null in metrics.json
     report = build_report(config, checkpoint, noise, results, cluster, time.perf_counter() - start, argv)
     report["metrics_file"] = str(out_dir / METRICS_FILE)
     write_report(report, out_dir / METRICS_FILE)

@@ -53,6 +53,23 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+class NonFiniteResultError(ArithmeticError):
+    """A headline result is NaN or infinite: no metrics.json is written (strict JSON would turn it into null)."""
+
+
+def check_finite_results(results: dict[str, Any], out_dir: str | Path) -> None:
+    """Refuse to publish a NaN/infinite headline number (bits/dim means, FID, KID, denoising change), naming it."""
+    headline = {f"bpd.{k}.mean": v.get("mean") for k, v in results.get("bpd", {}).items() if isinstance(v, dict)}
+    headline.update({f"fid.{k}": results["fid"].get(k) for k in ("fid", "kid") if "fid" in results})
+    headline["denoise.rms_change"] = results.get("denoise", {}).get("rms_change")
+    bad = [f"results.{k} = {float(v)}" for k, v in headline.items() if v is not None and not math.isfinite(float(v))]
+    if bad:
+        raise NonFiniteResultError(
+            f"{', '.join(bad)}: the model gives non-finite values (damaged or diverged weights?), so no metrics.json "
+            f"is written; the finished units are kept in {Path(out_dir) / 'units'}"
+        )
+
+
 def build_report(
     config: RunConfig,
     checkpoint: Provenance,

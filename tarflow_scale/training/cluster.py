@@ -122,6 +122,7 @@ def launch(
     address: str | None = None,
     allow_config_change: tuple[str, ...] = (),
     console: ConsoleOptions | None = None,
+    trust_checkpoint: bool = False,
 ) -> LaunchOutcome:
     """Train `config` with Ray Train + DeepSpeed; resumes when `run_dir` already holds checkpoints, and returns at
     once (before Ray starts) when the run already finished.
@@ -130,7 +131,8 @@ def launch(
     config and world size of the checkpoint it resumes from). Raises RunStopped after a SIGINT/SIGTERM stop, and a
     repeatable worker error (ConfigError, DataError, ...) as itself, unretried (a GPU out-of-memory as
     GPUOutOfMemoryError, naming the memory estimate and the keys to change). At the end the trainer writes
-    `run_dir/model.safetensors` from the live weights.
+    `run_dir/model.safetensors` from the live weights. A checkpoint that is not the user's own is resumed (its
+    engine state unpickled) only with `trust_checkpoint`.
     """
     console = console or ConsoleOptions()
     config.validate()
@@ -144,7 +146,7 @@ def launch(
     # One launch per run_dir (a second would report the first's progress as its own and rewrite the export); a lock
     # left by a killed driver on this host is taken over, so re-running a crashed command resumes.
     with lock_output_dir(run_dir, f"run_dir={run_dir}"):
-        return _launch_locked(config, run_dir, address, allow_config_change, console)
+        return _launch_locked(config, run_dir, address, allow_config_change, console, trust_checkpoint)
 
 
 def _launch_locked(
@@ -153,6 +155,7 @@ def _launch_locked(
     address: str | None,
     allow_config_change: tuple[str, ...],
     console: ConsoleOptions,
+    trust_checkpoint: bool = False,
 ) -> LaunchOutcome:
     previous = checkpoint_steps(run_dir)
     start_step = previous[-1] if previous else 0
@@ -176,9 +179,9 @@ def _launch_locked(
         repair_ray_snapshot,
         stop_requested,
     )
-    from .trainer import FAULT_AT_STEP_ENV, train_worker
+    from .trainer import FAULT_AT_STEP_ENV, TRUST_KEY, train_worker
 
-    plan = check_resume(config, tuple(allow_config_change))
+    plan = check_resume(config, tuple(allow_config_change), trust_checkpoint)
     for key, (old, new) in plan.allowed_changes.items():
         _say(f"tarflow-train: config change on resume: {key}: {old!r} -> {new!r}")
     repair_ray_snapshot(run_dir)
@@ -200,7 +203,7 @@ def _launch_locked(
     trainer = ReliableTorchTrainer(
         train_worker,
         stop_dir=run_dir,
-        train_loop_config={**to_dict(config), CONSOLE_KEY: console.to_dict()},
+        train_loop_config={**to_dict(config), CONSOLE_KEY: console.to_dict(), TRUST_KEY: trust_checkpoint},
         scaling_config=ScalingConfig(
             num_workers=config.cluster.num_workers, use_gpu=config.cluster.use_gpu, resources_per_worker=resources
         ),

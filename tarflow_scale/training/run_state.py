@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..artifacts.checkpoints import complete_checkpoints, read_run_config
+from ..artifacts.checkpoints import check_trusted, complete_checkpoints, latest_checkpoint, read_run_config
 from ..config import ConfigError, RunConfig, dump_config, to_dict
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's list of reported checkpoints, in run_dir
@@ -93,25 +93,26 @@ class ResumePlan:
     allowed_changes: dict[str, tuple[Any, Any]]  # differences accepted (safe, or named in --allow-config-change)
 
 
-def check_resume(config: RunConfig, allow_changes: tuple[str, ...] = ()) -> ResumePlan:
+def check_resume(config: RunConfig, allow_changes: tuple[str, ...] = (), trust: bool = False) -> ResumePlan:
     """Find what this run resumes from and refuse a config it cannot continue; raises ConfigError naming every key.
 
-    A world-size change is refused first (a ZeRO checkpoint resumes only at the same data-parallel size). Other
+    The checkpoint is the newest intact one (checksums verified; damaged ones skipped with a warning), and it must
+    be the user's own unless `trust` (--trust-checkpoint): resuming unpickles it (CheckpointError naming the file).
+    A world-size change is refused next (a ZeRO checkpoint resumes only at the same data-parallel size). Other
     differences from the checkpoint's config are refused unless safe or named in `allow_changes`.
     """
     run_dir = Path(config.run_dir)
-    own = complete_checkpoints(run_dir) if run_dir.is_dir() else []
+    own = complete_checkpoints(run_dir, warn=False) if run_dir.is_dir() else []
     if own:
-        checkpoint = own[-1]
+        checkpoint = latest_checkpoint(run_dir)  # warns about each incomplete or damaged folder it skips
     elif config.train.resume_from:
         checkpoint = Path(config.train.resume_from)
         if not checkpoint.is_dir():
             raise ConfigError(f"train.resume_from={checkpoint} does not exist")
-        from ..artifacts.checkpoints import latest_checkpoint
-
         checkpoint = latest_checkpoint(checkpoint)
     else:
         return ResumePlan(None, {})
+    check_trusted(checkpoint, trust)
     saved = read_run_config(checkpoint)
     if saved.cluster.num_workers != config.cluster.num_workers:
         raise ConfigError(

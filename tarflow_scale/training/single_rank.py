@@ -68,10 +68,9 @@ class _OneRankTrain(types.ModuleType):
     def report(self, metrics: dict, checkpoint: _Checkpoint | None = None, checkpoint_dir_name: str = "") -> None:
         self.reports.append(dict(metrics))
         if checkpoint is not None:
-            stored = self.run_dir / checkpoint_dir_name
-            stored.mkdir(parents=True, exist_ok=True)
-            for entry in Path(checkpoint.path).iterdir():  # moved, not copied: the trainer's temp folder goes next
-                shutil.move(str(entry), stored / entry.name)
+            # Merged into the folder, files overwritten, as Ray's upload does (a step redone after a resume saves
+            # into the folder it left); the trainer's temp folder goes next.
+            shutil.copytree(checkpoint.path, self.run_dir / checkpoint_dir_name, dirs_exist_ok=True)
 
 
 def _free_port() -> int:

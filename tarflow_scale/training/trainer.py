@@ -25,11 +25,13 @@ from torch import nn
 from ..artifacts.checkpoints import (
     CONFIG_FILE,
     EMA_FILE,
+    check_trusted,
     complete_checkpoints,
     latest_checkpoint,
     read_run_config,
     strip_wrapper_prefixes,
     write_complete_marker,
+    write_rank_digests,
 )
 from ..artifacts.exports import EXPORT_NAME, save_export
 from ..artifacts.load import build_model, load_initial_weights
@@ -53,6 +55,8 @@ from .schedule import make_scheduler
 # launch() hands the variable to the workers; FAULT_MARKER in run_dir records the kill so a restart runs on.
 FAULT_AT_STEP_ENV = "TARFLOW_FAULT_AT_STEP"
 FAULT_MARKER = ".fault_injected"
+# launch() passes --trust-checkpoint to the workers under this key of the train loop config (not a run setting).
+TRUST_KEY = "_trust_checkpoint"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -266,9 +270,11 @@ def _save_checkpoint(engine, config: RunConfig, state: LoopState, metrics: dict,
                 from safetensors.torch import save_file
 
                 save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(Path(tmp) / EMA_FILE))
+        write_rank_digests(tmp, rank)  # the checksums of this rank's files, hashed here while they are in cache
         name = f"checkpoint_{state.step:08d}"
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
-    # report() stored this rank's files (synchronous upload); once every rank is past it, seal the folder.
+    # report() stored this rank's files (synchronous upload); once every rank is past it, seal the folder with
+    # every rank's checksums.
     import torch.distributed as dist
 
     dist.barrier()
@@ -279,28 +285,45 @@ def _save_checkpoint(engine, config: RunConfig, state: LoopState, metrics: dict,
     return stored
 
 
-def _resume(engine, config: RunConfig, ema: EMA | None, world: int) -> tuple[LoopState, Path | None]:
-    """Continue from the newest complete checkpoint of run_dir (after a failure, or a re-run of the same command:
+def _chosen_checkpoint(config: RunConfig, rank: int, device: torch.device) -> Path | None:
+    """The checkpoint every rank resumes from: the newest intact one of run_dir, else of `train.resume_from`.
+    Collective: rank 0 alone verifies the checksums (reading the checkpoint once, not once per rank) and the others
+    take the folder it chose."""
+    run_dir = Path(config.run_dir)  # a local (or mounted) path: launch() resolved it with config.local_run_dir
+    if complete_checkpoints(run_dir, warn=False):
+        source = run_dir
+    elif config.train.resume_from:
+        source = Path(config.train.resume_from)
+        if not source.is_dir():
+            raise ConfigError(f"train.resume_from={config.train.resume_from} does not exist")
+    else:
+        return None
+    candidates = complete_checkpoints(source, warn=False) or [source]  # a run directory, or a checkpoint itself
+    chosen = candidates.index(latest_checkpoint(source)) if rank == 0 else 0
+    (index,) = _all_reduce([float(chosen)], device)
+    return candidates[int(index)]
+
+
+def _resume(
+    engine, config: RunConfig, ema: EMA | None, world: int, device: torch.device, trust: bool = False
+) -> tuple[LoopState, Path | None]:
+    """Continue from the newest intact checkpoint of run_dir (after a failure, or a re-run of the same command:
     the one export and evaluation would pick too), or from `train.resume_from`; fresh state otherwise.
 
     Ray's own latest checkpoint is not trusted blindly: it may be incomplete (its marker never written) or older
-    than the newest complete one (a snapshot lost or damaged); run_dir is the record."""
+    than the newest complete one (a snapshot lost or damaged); run_dir is the record. DeepSpeed's engine load
+    unpickles, so the folder must be the user's own unless `trust` (--trust-checkpoint)."""
     import ray.train
     from ray.train import Checkpoint
 
-    run_dir = Path(config.run_dir)  # a local (or mounted) path: launch() resolved it with config.local_run_dir
-    if own := complete_checkpoints(run_dir, warn=ray.train.get_context().get_world_rank() == 0):
-        checkpoint = Checkpoint.from_directory(str(own[-1]))
-    elif config.train.resume_from:
-        if not Path(config.train.resume_from).is_dir():
-            raise ConfigError(f"train.resume_from={config.train.resume_from} does not exist")
-        checkpoint = Checkpoint.from_directory(str(latest_checkpoint(config.train.resume_from)))
-    else:
-        checkpoint = None
+    run_dir = Path(config.run_dir)
+    folder = _chosen_checkpoint(config, ray.train.get_context().get_world_rank(), device)
+    if folder is None:
         if ray.train.get_checkpoint() is not None:
             emit(f"Ray reported a checkpoint, but {run_dir} holds no complete one: starting from step 0")
-    if checkpoint is None:
         return LoopState(), None
+    check_trusted(folder, trust)
+    checkpoint = Checkpoint.from_directory(str(folder))
     with checkpoint.as_directory() as directory:
         saved = read_run_config(directory)
         if saved.cluster.num_workers != world:
@@ -328,6 +351,7 @@ def train_worker(config_dict: dict) -> None:
     """Ray Train's per-worker function; the process group is already initialised by Ray."""
     config_dict = dict(config_dict)
     console = ConsoleOptions.from_dict(config_dict.pop("_console", None))
+    trust = bool(config_dict.pop(TRUST_KEY, False))
     apply_worker_settings(console)
     config: RunConfig = from_dict(RunConfig, config_dict).validate()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if config.cluster.use_gpu else "cpu")
@@ -362,7 +386,7 @@ def train_worker(config_dict: dict) -> None:
     if config.deepspeed.compile:
         engine.compile()
     ema = EMA(engine.module, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
-    state, resumed_from = _resume(engine, config, ema, world)
+    state, resumed_from = _resume(engine, config, ema, world, device, trust)
     # Without --verbose the driver draws the progress from metrics.jsonl: rank 0 writes, but does not print.
     logger = MetricsLogger(config.run_dir, train.num_steps, enabled=rank == 0, echo=console.verbose)
     if resumed_from is not None:  # every segment and every restart after a failure leaves a trace in the log
