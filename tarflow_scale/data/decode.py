@@ -98,7 +98,8 @@ class SampleDecoder:
         key, url = sample.get("__key__"), sample.get("__url__")
         try:
             data = sample["png"]
-            label = int(sample["cls"])
+            # Unconditional data may omit labels (sampled shards of an unconditional model carry no .cls).
+            label = int(sample["cls"]) if self.num_classes or "cls" in sample else 0
         except KeyError as e:
             raise DataError(f"{url}: sample {key!r} has no {e.args[0]!r} field") from None
         except ValueError:

@@ -101,6 +101,23 @@ def _training_step(report: dict[str, Any]) -> int:
     return int(digits) if digits.isdigit() else 0
 
 
+def _fid_prefix(fid: dict[str, Any]) -> str:
+    return "eval" if fid.get("feature_extractor") == "inception" else "eval/pipeline_check"
+
+
+def sweep_hparams(report: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, float]]]:
+    """A FID sweep's rows as TensorBoard hparams: (the four settings, {metric tag: value}) per setting."""
+    fid = report.get("results", {}).get("fid") or {}
+    if "sweep" not in fid:
+        return []
+    prefix = _fid_prefix(fid)
+    out = []
+    for row in fid["sweep"]["rows"]:
+        metrics = {f"{prefix}/sweep_{k}": row[k] for k in ("fid", "kid", "kid_std") if row.get(k) is not None}
+        out.append((dict(row["setting"]), metrics))
+    return out
+
+
 def tensorboard_scalars(report: dict[str, Any]) -> dict[str, float]:
     """The headline numbers under TensorBoard tags; a pooled-pixel "FID" is tagged as the pipeline check it is."""
     results, scalars = report.get("results", {}), {}
@@ -108,8 +125,8 @@ def tensorboard_scalars(report: dict[str, Any]) -> dict[str, float]:
         if isinstance(value, dict) and "mean" in value:
             scalars[f"eval/bpd_{name}"] = value["mean"]
     fid = results.get("fid")
-    if fid:
-        prefix = "eval" if fid.get("feature_extractor") == "inception" else "eval/pipeline_check"
+    if fid and "sweep" not in fid:  # a sweep's rows go to TensorBoard as hparams (write_tensorboard)
+        prefix = _fid_prefix(fid)
         scalars[f"{prefix}/fid"] = fid["fid"]
         if fid.get("kid") is not None:
             scalars[f"{prefix}/kid"] = fid["kid"]
@@ -136,9 +153,12 @@ def write_tensorboard(report: dict[str, Any], out_dir: str | Path) -> Path | Non
         results = report.get("results", {})
         grids = {"eval/samples": results.get("sample", {}).get("files", {}).get("grid")}
         grids["eval/samples_denoised"] = results.get("denoise", {}).get("files", {}).get("denoised_grid")
+        grids["eval/sweep_grid"] = (results.get("fid") or {}).get("sweep", {}).get("files", {}).get("grid")
         for tag, path in grids.items():
             if path and Path(path).is_file():
                 writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+        for i, (hparams, metrics) in enumerate(sweep_hparams(report)):  # each in its own run: tensorboard/sweep_NNN
+            writer.add_hparams(hparams, metrics, run_name=f"sweep_{i:03d}", global_step=step)
     finally:
         writer.close()
     return folder
