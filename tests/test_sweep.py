@@ -366,3 +366,19 @@ def test_existing_pngs_and_shards_score_as_generating_them(ray_session, tmp_path
     assert again["units"]["reused"] == 1 and again["units"]["computed"] == 0 and again["fid"] == generated["fid"]
     fewer = run(path, tmp_path / "shards_eval", f"eval.fid_samples={shards}", "eval.fid_num_samples=10")
     assert fewer["results"]["fid"]["units"]["reused"] == 0 and fewer["results"]["fid"]["num_generated"] == 10
+
+
+@pytest.mark.slow
+def test_the_sweep_benchmark_prints_both_costs_and_the_bound(capsys):
+    from tarflow_scale.benchmarks import sweep as bench
+
+    overrides = ["eval.sweep.guidance=[0,1]", "model.image_size=8", "model.patch_size=2", "model.num_blocks=1"]
+    args = ["--workers", "1", "--num-samples", "8", "--batch-size", "4", "--num-reference", "16", *overrides]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("tarflow-bench sweep: 2 settings (guidance.weight), 8 samples each")
+    assert sum(line.startswith("single guidance.weight=") for line in lines) == 2
+    assert any(line.startswith("separate runs, total") for line in lines)
+    assert any(line.startswith("one sweep") for line in lines)
+    assert "x the bound" in out and "model loads: 1 pool start-up vs 2" in out

@@ -13,6 +13,7 @@ SUITES = {
     "mixing": "CDFlow circulant-diagonal mixing vs a dense matrix",
     "gpu": "the paper's ImageNet64 model on one GPU: bf16 images/s and MFU, peak memory, TF32, sampling, bits/dim",
     "sample": "decoding modes (sequential, jacobi, gs_jacobi) x guidance x batch: images/s, passes, exactness",
+    "sweep": "a FID sweep (eval.sweep) against one tarflow-eval per setting: model loads + generation, the bound",
 }
 
 
