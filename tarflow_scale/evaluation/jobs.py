@@ -434,13 +434,14 @@ def run_fid_samples(
     )  # fmt: skip
     names = [f"images_{a:09d}_{b - 1:09d}" for a, b in ranges]
     progress = Progress("fid", n, e.progress_every_s)
-    units = _run_units(
-        pool, store, "fid_samples_chunk", names, [(samples.range(a, b),) for a, b in ranges], progress,
+    _compute_missing(
+        pool, "fid_samples_chunk", [UnitSet(store, names, [(samples.range(a, b),) for a, b in ranges])], progress,
         lambda r: r["count"], lambda r: {"indices": np.array(r["indices"]), "feats": r["feats"]},
     )  # fmt: skip
     timing = {**progress.finish(), "units": store.summary()}
     stats, seen = fidlib.FeatureStats(), []
-    for unit in units:  # in eval.batch_size slices: the additions the generating fid job makes, chunk by chunk
+    for name in names:  # in eval.batch_size slices: the additions the generating fid job makes, chunk by chunk
+        unit = store.load(name)
         indices, feats = unit["indices"].tolist(), unit["feats"]
         if len(feats) != len(indices):
             raise DataError(f"{samples.path}: a unit read {len(feats)} images for {len(indices)} indices")
