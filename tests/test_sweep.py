@@ -216,6 +216,20 @@ def test_range_loader_reads_exactly_the_range_in_order(dataset):
 # eval.fid_samples: refused before any worker starts
 
 
+def test_unconditional_samples_may_omit_their_label_conditional_ones_may_not():
+    """Sampled shards of an unconditional model carry no .cls (issue 21's format); a conditional split needs it."""
+    from tarflow_scale.data import DataError
+    from tarflow_scale.data.decode import SampleDecoder
+
+    buffer = io.BytesIO()
+    Image.fromarray(gaussian_pixels(1, 0)[0]).save(buffer, format="PNG")
+    sample = {"__key__": "000007", "__url__": "samples-train-000000.tar", "png": buffer.getvalue()}
+    image, label, key = SampleDecoder(3, SIZE, num_classes=0)(sample)
+    assert label == 0 and key == "000007" and np.array_equal(image.permute(1, 2, 0).numpy(), gaussian_pixels(1, 0)[0])
+    with pytest.raises(DataError, match="samples-train-000000.tar: sample '000007' has no 'cls' field"):
+        SampleDecoder(3, SIZE, num_classes=CLASSES)(sample)
+
+
 def save_png(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)

@@ -124,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         points = planned.sweep.points(planned.guidance, planned.decoding, planned.denoise_step)
         swept = planned.sweep.swept()
-        if args.address:
+        started = not ray.is_initialized()  # a caller's running Ray (a test session) is used as it is
+        if started and args.address:
             ray.init(address=args.address, log_to_driver=False)
-        else:
+        elif started:
             ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
         try:
             _evaluate(checkpoint, folder / "reference", [*common, "eval.jobs=[fid_stats]"])  # untimed: cached stats
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                 singles.append((point.label(swept), cost))
             sweep = _evaluate(checkpoint, folder / "sweep", [*common, *sweep_args], args.repeats)
         finally:
-            ray.shutdown()
+            if started:
+                ray.shutdown()
 
     print(f"tarflow-bench sweep: {len(points)} settings ({' x '.join(swept)}), {args.num_samples} samples each, "
           f"batch {args.batch_size}, {args.workers} CPU workers ({platform.processor() or platform.machine()}), "

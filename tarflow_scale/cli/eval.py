@@ -6,7 +6,8 @@ CHECKPOINT is an exported .safetensors file, a training checkpoint folder or a r
 built as defaults -> the checkpoint's own training config -> FILE -> dotted overrides (`eval.jobs=[bpd,sample]
 eval.num_samples=64 cluster.num_workers=2 data.path=...`); the model always comes from the checkpoint, and a
 model section that disagrees with it is an error. Results go to OUT/metrics.json (default: `eval/` beside the
-checkpoint) with PNG grids.
+checkpoint) with PNG grids. `eval.jobs=[fid] eval.sweep.guidance=[0,1,2]` scores FID per setting in one run
+(sweep.csv, sweep.png, sweep_grid.png); `eval.fid_samples=DIR` scores existing shards or PNGs instead of sampling.
 """
 
 from __future__ import annotations
