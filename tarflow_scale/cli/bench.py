@@ -14,6 +14,7 @@ SUITES = {
     "gpu": "the paper's ImageNet64 model on one GPU: bf16 images/s and MFU, peak memory, TF32, sampling, bits/dim",
     "sample": "decoding modes (sequential, jacobi, gs_jacobi) x guidance x batch: images/s, passes, exactness",
     "shards": "sampling to WebDataset shards (tarflow-sample --format shards) at 1 and 2 Ray workers: images/s",
+    "sweep": "a FID sweep (eval.sweep) against one tarflow-eval per setting: model loads + generation, the bound",
 }
 
 

@@ -6,7 +6,8 @@ CHECKPOINT is an exported .safetensors file, a training checkpoint folder or a r
 built as defaults -> the checkpoint's own training config -> FILE -> dotted overrides (`eval.jobs=[bpd,sample]
 eval.num_samples=64 cluster.num_workers=2 data.path=...`); the model always comes from the checkpoint, and a
 model section that disagrees with it is an error. Results go to OUT/metrics.json (default: `eval/` beside the
-checkpoint) with PNG grids.
+checkpoint) with PNG grids. `eval.jobs=[fid] eval.sweep.guidance=[0,1,2]` scores FID per setting in one run
+(sweep.csv, sweep.png, sweep_grid.png); `eval.fid_samples=DIR` scores existing shards or PNGs instead of sampling.
 """
 
 from __future__ import annotations
@@ -99,16 +100,52 @@ def summary(report: dict) -> str:
         )
     if "fid" in results:
         r = results["fid"]
-        kid = "n/a" if r["kid"] is None else f"{r['kid']:.5f}"
-        if r["feature_extractor"] == "inception":
-            lines.append(f"FID {r['fid']:.3f}, KID {kid} ({r['num_generated']} samples, inception)")
-        else:  # the quick preset's pooled-pixel features: the same code path, but these numbers are not FID
-            lines.append(
-                f"pipeline check (NOT FID: {r['feature_extractor']} features, not Inception): Frechet distance "
-                f"{r['fid']:.3f}, kernel distance {kid} ({r['num_generated']} samples)"
-            )
+        if "sweep" in r:
+            lines += _sweep_lines(r)
+        else:
+            source = f"{r['num_generated']} samples"
+            if "samples" in r:  # eval.fid_samples: scored, not generated
+                source = f"{r['num_generated']} of the {r['samples']['num_images']} images in {r['samples']['path']}"
+            lines.append(_fid_line(r, r["fid"], r["kid"], r.get("kid_std"), source))
     lines.append(f"metrics: {report['metrics_file']}")
     return "\n".join(lines)
+
+
+def _kid(kid: float | None, std: float | None) -> str:
+    return "n/a" if kid is None else f"{kid:.5f}" + ("" if std is None else f" +- {std:.5f}")
+
+
+def _fid_line(r: dict, fid: float | None, kid: float | None, kid_std: float | None, source: str) -> str:
+    shown = "n/a" if fid is None else f"{fid:.3f}"
+    if r["feature_extractor"] == "inception":
+        return f"FID {shown}, KID {_kid(kid, kid_std)} ({source}, inception)"
+    # The quick preset's pooled-pixel features: the same code path, but these numbers are not FID.
+    return (
+        f"pipeline check (NOT FID: {r['feature_extractor']} features, not Inception): Frechet distance {shown}, "
+        f"kernel distance {_kid(kid, kid_std)} ({source})"
+    )
+
+
+def _sweep_lines(r: dict) -> list[str]:
+    """One line per setting, then the best one and the files."""
+    sweep = r["sweep"]
+    names = sweep["swept"]
+    inception = r["feature_extractor"] == "inception"
+    what = "FID, KID" if inception else f"pipeline check (NOT FID: {r['feature_extractor']} features): distances"
+    lines = [f"sweep of {sweep['num_settings']} settings ({' x '.join(names)}), {r['num_generated_per_setting']} "
+             f"samples each from the same seeds; {what}:"]  # fmt: skip
+    labels = [" ".join(f"{n}={row['setting'][n]}" for n in names) for row in sweep["rows"]]
+    width = max(len(label) for label in labels)
+    for label, row in zip(labels, sweep["rows"]):
+        fid = "n/a" if row["fid"] is None else f"{row['fid']:.3f}"
+        lines.append(f"  {label:<{width}}  {'FID' if inception else 'Frechet'} {fid}  "
+                     f"{'KID' if inception else 'kernel'} {_kid(row['kid'], row.get('kid_std'))}")  # fmt: skip
+    best = sweep["best"]
+    if best is not None:
+        lines.append(f"best: {best['label']} ({'FID' if inception else 'Frechet distance'} {best['fid']:.3f})")
+    files = sweep["files"]
+    lines.append(f"sweep: {files['csv']}, {files['plot']}" + (f", {files['grid']}" if files.get("grid") else ""))
+    return lines
 
 
 if __name__ == "__main__":

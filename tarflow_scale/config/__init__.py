@@ -1,6 +1,6 @@
 """Typed configuration. `checks`: the error types and range checks; `models`: the model families' architectures;
-`sampling`: guidance and decoding settings; `run`: the run config and its components; `study`: the tabular study;
-`loading`: YAML, overrides, type checks.
+`sampling`: guidance and decoding settings; `sweep`: eval.sweep and its grid of settings; `run`: the run config and
+its components; `study`: the tabular study; `loading`: YAML, overrides, type checks.
 """
 
 from .checks import ConfigError, SettingError
@@ -29,6 +29,7 @@ from .run import (
     resolve_batching,
 )
 from .sampling import Decoding, Guidance
+from .sweep import SweepConfig, SweepPoint
 
 __all__ = [
     "SHIPPED_CONFIG_DIR",
@@ -43,6 +44,8 @@ __all__ = [
     "OptimConfig",
     "RunConfig",
     "SettingError",
+    "SweepConfig",
+    "SweepPoint",
     "TNAFConfig",
     "TarFlowConfig",
     "TrainConfig",

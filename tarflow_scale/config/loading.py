@@ -84,6 +84,11 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         section = name in names and dataclasses.is_dataclass(hints[name]) and not isinstance(value, dict)
         if name in moved and (name not in names or section):
             raise ConfigError(f"config key {prefix}{name} was removed: set {moved[name]} instead")
+    # A section may flatten keys that users write nested elsewhere (eval.sweep.guidance for guidance.weight).
+    for dotted, flat in getattr(cls, "NESTED_SPELLINGS", {}).items():
+        head, leaf = dotted.split(".", 1)
+        if isinstance(data.get(head), dict) and leaf in data[head]:
+            raise ConfigError(f"config key {prefix}{dotted} is written {prefix}{flat} (a list: {prefix}{flat}=[...])")
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"unknown config key {prefix}{unknown[0]} (valid keys: {', '.join(sorted(names))})")

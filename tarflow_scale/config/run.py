@@ -15,6 +15,7 @@ from .checks import ConfigError, check_at_least, check_no_nan
 from .memory import MemoryEstimate
 from .models import TarFlowConfig
 from .sampling import Decoding, Guidance, Precision
+from .sweep import SweepConfig
 
 
 @dataclass
@@ -221,6 +222,15 @@ class EvalConfig:
     # Score samples after the Tweedie step when the model was trained with Gaussian noise (as TarFlow does).
     fid_denoise: bool = True
     fid_save_png: bool = False  # also write every FID sample to OUT/fid_samples/<index>.png (shared storage)
+    # Score existing images instead of generating them: a folder holding a tarflow-data split (shards and their
+    # manifest, e.g. `tarflow-sample --format shards` output) or a folder of 8-bit PNGs. The first
+    # eval.fid_num_samples images (in the split's order, or by file name) are scored; the checkpoint is still
+    # required and recorded, but nothing is sampled, so the sampling settings are not used.
+    fid_samples: str = ""
+    fid_samples_split: str = ""  # the split of a folder holding several manifests ("": its only one)
+    # FID per sampling setting in one fid job: eval.sweep.guidance / .attn_temp / .denoise_step / .decoding_mode,
+    # lists of values (several: their grid). Writes sweep.csv, sweep.png and sweep_grid.png (config/sweep.py).
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     # Cached reference statistics (.npz). "": <data root>/fid_stats/<split>-clean-<extractor>-<size>px.npz, built
     # from data.train_split on first use. A path given here must exist, or be built by the fid_stats job.
     fid_reference: str = ""
@@ -250,6 +260,20 @@ class EvalConfig:
                 raise ConfigError(f"eval.{name} must be >= 0")
         if self.progress_every_s <= 0:
             raise ConfigError("eval.progress_every_s must be > 0")
+        if self.fid_samples_split and not self.fid_samples:
+            raise ConfigError("eval.fid_samples_split is set but eval.fid_samples is empty")
+        if self.sweep.active:
+            if "fid" not in self.jobs:
+                raise ConfigError(
+                    f"eval.sweep ({', '.join(self.sweep.swept())}) scores FID per setting, but eval.jobs={self.jobs} "
+                    "has no fid: add fid to eval.jobs (the sample and denoise jobs use eval.guidance / eval.decoding)"
+                )
+            if self.fid_samples:
+                raise ConfigError(
+                    "eval.sweep and eval.fid_samples exclude each other: a sweep generates its samples per setting, "
+                    "eval.fid_samples scores images that exist"
+                )
+        self.sweep.points(self.guidance, self.decoding, self.denoise_step)  # each setting's own checks
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Sharded WebDataset data: converters, manifest, the bundled dataset, loaders and noise augmentation."""
 
 from .bundled import build_bundled, bundled_dir, resolve_data_path
-from .loader import DataStats, EvalLoader, TrainLoader, make_eval_loader, make_train_loader
+from .loader import DataStats, EvalLoader, TrainLoader, make_eval_loader, make_range_loader, make_train_loader
 from .manifest import DataError, Manifest, check_shard_sizes, read_manifest, write_manifest
 from .noise import BIN_WIDTH, augment
 from .shards import write_split
@@ -23,6 +23,7 @@ __all__ = [
     "check_shard_sizes",
     "bundled_dir",
     "make_eval_loader",
+    "make_range_loader",
     "make_train_loader",
     "read_manifest",
     "resolve_data_path",

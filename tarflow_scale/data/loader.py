@@ -344,9 +344,22 @@ def make_eval_loader(
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     root = resolve_data_path(cfg)
     manifest = read_manifest(root, split or cfg.eval_split)
-    out_size = _output_size(cfg, manifest)
     n = manifest.num_samples
-    lo, hi = rank * n // world_size, (rank + 1) * n // world_size
+    return _range_loader(cfg, root, manifest, batch_size, rank * n // world_size, (rank + 1) * n // world_size)
+
+
+def make_range_loader(cfg: DataConfig, batch_size: int, start: int, stop: int, split: str | None = None) -> EvalLoader:
+    """One pass over the samples with global index in [start, stop) of the split (cfg.eval_split unless `split`),
+    each exactly once; in index order when cfg.num_workers is 0. Errors as make_eval_loader's."""
+    root = resolve_data_path(cfg)
+    manifest = read_manifest(root, split or cfg.eval_split)
+    if not 0 <= start <= stop <= manifest.num_samples:
+        raise ValueError(f"[{start}, {stop}) is not a range of the {manifest.num_samples} samples of {manifest.split}")
+    return _range_loader(cfg, root, manifest, batch_size, start, stop)
+
+
+def _range_loader(cfg: DataConfig, root: str, manifest: Manifest, batch_size: int, lo: int, hi: int) -> EvalLoader:
+    out_size = _output_size(cfg, manifest)
     if lo == hi:
         return EvalLoader(None, 0, manifest, 0)
     urls = [join(root, shard) for shard in manifest.shards]

@@ -13,7 +13,8 @@ Protocol (written into every metrics JSON as `PROTOCOL`):
   conditional model; after one Tweedie step when the model was trained on Gaussian-noised data; quantised to
   8 bits exactly as a PNG of the sample would be, so scoring in memory equals scoring the PNGs.
 - FID = cleanfid.fid.frechet_distance of the two Gaussians; KID = cleanfid.fid.kernel_distance on at most
-  eval.kid_max_features features per side (100 subsets of up to 1000), numpy seeded with eval.seed.
+  eval.kid_max_features features per side (100 subsets of up to 1000), numpy seeded with eval.seed; its loop is
+  replayed here (bit for bit) to keep each subset's estimate, whose standard deviation is reported with it.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ PROTOCOL = {
     "generated": "sample k from seed (eval.seed, k); class k mod num_classes; Tweedie-denoised if trained with "
     "gaussian noise and eval.fid_denoise; quantised to uint8 as a PNG",
     "reference": "every image of data.train_split as stored (no flip), cached .npz next to the data",
-    "kid": f"cleanfid.fid.kernel_distance, {KID_NUM_SUBSETS} subsets of <= {KID_MAX_SUBSET_SIZE}, seeded",
+    "kid": f"cleanfid.fid.kernel_distance, {KID_NUM_SUBSETS} subsets of <= {KID_MAX_SUBSET_SIZE}, seeded; kid_std: "
+    "the standard deviation of the subsets' estimates",
     "features_precision": "strict fp32 (TF32 off), whatever eval.decoding.precision",
 }
 
@@ -263,23 +265,45 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 def kernel_distance(feats1: np.ndarray, feats2: np.ndarray, seed: int) -> float | None:
     """clean-fid's KID (unbiased MMD^2, cubic polynomial kernel) with numpy's global RNG seeded, then restored.
     None when either side has fewer than 2 features."""
+    kid, _ = kernel_distance_and_std(feats1, feats2, seed)
+    return kid
+
+
+def kernel_distance_and_std(feats1: np.ndarray, feats2: np.ndarray, seed: int) -> tuple[float | None, float | None]:
+    """KID and its standard deviation over the subsets; (None, None) when either side has fewer than 2 features.
+
+    `cleanfid.fid.kernel_distance`'s own loop (the same draws from numpy's global RNG, seeded here and restored,
+    the same arithmetic and summation order, so the KID equals clean-fid's bit for bit), keeping each subset's
+    unbiased MMD^2 estimate t_i / m, whose mean is the KID and whose spread is the reported ± std.
+    """
     if min(len(feats1), len(feats2)) < 2:
-        return None
+        return None, None
+    n = feats1.shape[1]
+    m = min(min(feats1.shape[0], feats2.shape[0]), KID_MAX_SUBSET_SIZE)
     state = np.random.get_state()
     try:
         np.random.seed(seed % 2**32)
-        return float(
-            cleanfid_fid.kernel_distance(
-                feats1, feats2, num_subsets=KID_NUM_SUBSETS, max_subset_size=KID_MAX_SUBSET_SIZE
-            )
-        )
+        t, estimates = 0, []
+        for _ in range(KID_NUM_SUBSETS):
+            x = feats2[np.random.choice(feats2.shape[0], m, replace=False)]
+            y = feats1[np.random.choice(feats1.shape[0], m, replace=False)]
+            a = (x @ x.T / n + 1) ** 3 + (y @ y.T / n + 1) ** 3
+            b = (x @ y.T / n + 1) ** 3
+            term = (a.sum() - np.diag(a).sum()) / (m - 1) - b.sum() * 2 / m
+            t += term
+            estimates.append(term / m)
     finally:
         np.random.set_state(state)
+    return float(t / KID_NUM_SUBSETS / m), float(np.std(estimates))
 
 
 def fid_and_kid(generated: FeatureStats, reference: ReferenceStats, seed: int) -> dict[str, float | int | None]:
-    """FID of the generated statistics against the reference; KID (None without KID features on either side)."""
+    """FID of the generated statistics against the reference; KID ± its std over the subsets (None without KID
+    features on either side)."""
     fid = frechet_distance(generated.mean, generated.covariance, reference.mu, reference.sigma)
     gen_kid = generated.kid_matrix()
-    kid = kernel_distance(gen_kid, reference.kid_features, seed)
-    return {"fid": fid, "kid": kid, "kid_num_generated": len(gen_kid), "kid_num_reference": len(reference.kid_features)}
+    kid, kid_std = kernel_distance_and_std(gen_kid, reference.kid_features, seed)
+    return {
+        "fid": fid, "kid": kid, "kid_std": kid_std,
+        "kid_num_generated": len(gen_kid), "kid_num_reference": len(reference.kid_features),
+    }  # fmt: skip

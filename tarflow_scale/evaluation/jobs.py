@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +14,25 @@ import torch
 
 from ..artifacts.provenance import TrainingNoise
 from ..atomic import atomic_path
-from ..config import EvalConfig, RunConfig
+from ..config import EvalConfig, RunConfig, SweepPoint
+from ..config.sweep import SWEPT
 from ..data import DataError, read_manifest
 from ..models.decoding import DecodingStats
 from ..sampling import save_grid
 from . import fid as fidlib
 from .bpd import summarize
 from .pool import Progress, WorkerPool
+from .sample_sets import SampleSet
+from .sweep import write_sweep_outputs
 from .units import UnitStore
+from .worker import GRID_SAMPLES
 
 JOB_ORDER = ("bpd", "sample", "denoise", "fid_stats", "fid")  # fid_stats before fid: fid reads what it writes
 # Data jobs cut a split into fixed index ranges (units): never tied to the worker count, so a re-run with other
 # workers reuses the finished units and assembles the same numbers.
 BPD_UNIT_IMAGES = 512
 REFERENCE_UNIT_IMAGES = 8192  # a unit saves (D, D) float64 statistics: 32 MB for Inception
+SAMPLES_UNIT_IMAGES = 2048  # fid_samples: about this many existing images per unit (16 KB of features each)
 BPD_DESCRIPTIONS = {
     "dequantized": "bits/dim of the 8-bit held-out images: uniform dequantization x = (u + v)/128 - 1, "
     "v ~ U[0,1)^D, bpd = (E_v[-log p(x)] - D log(2/256)) / (D ln 2); an upper bound on the discrete NLL",
@@ -61,6 +66,39 @@ def _passes_summary(units: list[dict[str, np.ndarray]], num_tokens: int) -> dict
     return total.summary()
 
 
+@dataclass
+class UnitSet:
+    """The units of one job under one plan (one sweep setting): their store, names and work items."""
+
+    store: UnitStore
+    names: list[str]
+    items: list[tuple]
+
+
+def _compute_missing(
+    pool: WorkerPool,
+    method: str,
+    sets: list[UnitSet],
+    progress: Progress,
+    count: Callable[[Any], int],
+    to_arrays: Callable[[Any], dict[str, Any]],
+) -> None:
+    """Compute every unit not yet finished, of every set, in one pass over the workers (each saved as it arrives):
+    a sweep's settings share the workers, which load the model once."""
+    todo = [(u, i) for u in sets for i, name in enumerate(u.names) if not u.store.done(name)]
+    for u in sets:
+        reused = len(u.names) - sum(1 for v, _ in todo if v is u)
+        u.store.reused += reused
+        if reused:
+            print(f"[{method}] {reused} of {len(u.names)} units already done in {u.store.folder}", flush=True)
+
+    def save(j: int, result: Any) -> None:
+        u, i = todo[j]
+        u.store.save(u.names[i], to_arrays(result))
+
+    pool.map(method, [u.items[i] for u, i in todo], progress, count, on_result=save)
+
+
 def _run_units(
     pool: WorkerPool,
     store: UnitStore,
@@ -72,17 +110,7 @@ def _run_units(
     to_arrays: Callable[[Any], dict[str, Any]],
 ) -> list[dict[str, np.ndarray]]:
     """Load the finished units, compute the rest on the workers (each saved as it arrives); all, in unit order."""
-    todo = [i for i, name in enumerate(names) if not store.done(name)]
-    store.reused += len(names) - len(todo)
-    if len(todo) < len(names):
-        print(f"[{method}] {len(names) - len(todo)} of {len(names)} units already done in {store.folder}", flush=True)
-    pool.map(
-        method,
-        [items[i] for i in todo],
-        progress,
-        count,
-        on_result=lambda j, result: store.save(names[todo[j]], to_arrays(result)),
-    )
+    _compute_missing(pool, method, [UnitSet(store, names, items)], progress, count, to_arrays)
     return [store.load(name) for name in names]
 
 
@@ -266,8 +294,61 @@ def run_fid_stats(
     parts = [{"count": int(u["num"])} for u in units]
     if stats.num != n or sum(r["count"] for r in parts) != n:
         raise DataError(f"FID reference saw {stats.num} of the {n} images in {manifest.name}/{split}")
-    fidlib.save_reference(path, stats, {**reference_meta(config, manifest), "data_path": config.data.path})
+    meta = {**reference_meta(config, manifest), "channels": manifest.channels, "data_path": config.data.path}
+    fidlib.save_reference(path, stats, meta)
     return {"path": str(path), "num_images": n, "num_kid_features": len(stats.kid_ids), **timing}
+
+
+def _add_features(stats: fidlib.FeatureStats, feats: np.ndarray, indices: list[int], kid_max_features: int) -> None:
+    stats.add(feats, indices, [i < kid_max_features for i in indices])
+
+
+def _fid_common(
+    config: RunConfig, reference: fidlib.ReferenceStats, reference_path: Path, denoise_std: float | None
+) -> dict[str, Any]:
+    """What every FID result records about how it was scored."""
+    e = config.eval
+    common = {
+        "feature_extractor": e.fid_feature_extractor,
+        "num_reference": int(reference.meta.get("num", 0)),
+        "reference": str(reference_path),
+        "reference_meta": reference.meta,
+        "denoised": denoise_std is not None,
+        "denoise_noise_std": denoise_std,
+        "protocol": fidlib.PROTOCOL,
+    }
+    if e.fid_feature_extractor != "inception":
+        common["warning"] = f"feature_extractor={e.fid_feature_extractor}: a pipeline test, these numbers are not FID"
+    return common
+
+
+def _score_setting(
+    config: RunConfig, e: EvalConfig, units: UnitSet, reference: fidlib.ReferenceStats
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """FID/KID of one setting from its units, streamed in sample order (exactly the same statistics however the
+    work was spread), and the pixels of its first GRID_SAMPLES samples (None from units saved without them)."""
+    stats = fidlib.FeatureStats()
+    passes, redrawn, seconds, grid = [], 0, [], []
+    for name in units.names:  # one unit in memory at a time: a sweep holds S x 50k features otherwise
+        unit = units.store.load(name)
+        _add_features(stats, unit["feats"], unit["indices"].tolist(), e.kid_max_features)
+        passes.append({k: unit[k] for k in PASSES_KEYS if k in unit})
+        redrawn += int(unit["redrawn"])
+        seconds.append(float(unit["seconds"]) if "seconds" in unit else None)
+        if unit["indices"][0] < GRID_SAMPLES:
+            grid.append(unit.get("grid"))
+    busy = None if None in seconds else sum(seconds)
+    result = {
+        **fidlib.fid_and_kid(stats, reference, e.seed),
+        "num_generated": stats.num,
+        "num_nonfinite_redrawn": redrawn,
+        "settings": sampling_settings(e),
+        "decoding_passes": _passes_summary(passes, config.model.num_tokens),
+        # Worker-seconds spent on this setting's units (recorded in each unit, so a resumed run keeps them).
+        "images_per_s_per_worker": stats.num / busy if busy else None,
+        "units": units.store.summary(),
+    }
+    return result, (None if any(g is None for g in grid) else np.concatenate(grid))
 
 
 def run_fid(
@@ -278,46 +359,105 @@ def run_fid(
     reference_path: Path,
     out_dir: Path,
     store_for: Callable[[str, dict], UnitStore],
+    points: list[SweepPoint] | None = None,
 ) -> dict[str, Any]:
+    """FID and KID of eval.fid_num_samples generated samples, under each sampling setting of `points` (a sweep;
+    None: the eval section's own setting). Sample k has the same seed under every setting. Each setting's units
+    are planned exactly as a single-setting run of it, so runs and sweeps reuse each other's finished units."""
     e = config.eval
-    png_dir = str(out_dir / "fid_samples") if e.fid_save_png else None
-    store = store_for(
-        "fid",
-        {**_sample_plan(e, denoise_std), "extractor": e.fid_feature_extractor},
-    )
-    progress = Progress("fid", e.fid_num_samples, e.progress_every_s)
+    sweep = points is not None
+    points = points or [SweepPoint(e.guidance, e.decoding, e.denoise_step)]
+    swept = e.sweep.swept() if sweep else []
     chunks = _chunks(e.fid_num_samples, e.batch_size)
-    items = [(c, e.guidance, e.decoding, denoise_std, e.denoise_step, png_dir) for c in chunks]
     names = [f"chunk_{c[0]:09d}_{c[-1]:09d}" for c in chunks]
-    units = _run_units(
-        pool, store, "fid_chunk", names, items, progress, lambda r: r["count"],
+    settings, sets = [], []
+    for point in points:
+        pe = replace(e, guidance=point.guidance, decoding=point.decoding, denoise_step=point.denoise_step)
+        png_dir = None
+        if e.fid_save_png:  # a sweep: one folder per setting, named by its swept values
+            folder = out_dir / "fid_samples"
+            png_dir = str(folder / point.label(swept).replace(" ", "_") if sweep else folder)
+        store = store_for("fid", {**_sample_plan(pe, denoise_std), "extractor": e.fid_feature_extractor})
+        items = [(c, point.guidance, point.decoding, denoise_std, point.denoise_step, png_dir) for c in chunks]
+        settings.append((pe, png_dir))
+        sets.append(UnitSet(store, names, items))
+    progress = Progress("fid", e.fid_num_samples * len(points), e.progress_every_s)
+    _compute_missing(
+        pool, "fid_chunk", sets, progress, lambda r: r["count"],
         lambda r: {"indices": np.array(r["indices"]), "feats": r["feats"], "redrawn": r["redrawn"],
-                   **{k: r[k] for k in PASSES_KEYS}},
+                   "grid": r["grid"], "seconds": r["seconds"], **{k: r[k] for k in PASSES_KEYS}},
+    )  # fmt: skip
+    timing = progress.finish()
+    common = _fid_common(config, reference, reference_path, denoise_std)
+    rows, grids = [], []
+    for point, (pe, png_dir), units in zip(points, settings, sets):
+        row, grid = _score_setting(config, pe, units, reference)
+        if png_dir:
+            row["png_dir"] = png_dir
+        rows.append({"setting": point.values(), **row} if sweep else row)
+        grids.append(grid)
+    if not sweep:
+        return {**rows[0], **common, **timing}
+    summary = {
+        "swept": swept,
+        "values": {name: list(getattr(e.sweep, key)) for key, name in SWEPT.items() if getattr(e.sweep, key)},
+        "num_settings": len(points),
+        "rows": rows,
+    }
+    summary.update(write_sweep_outputs(rows, swept, grids, out_dir, e.fid_feature_extractor))
+    return {"sweep": summary, "num_generated_per_setting": e.fid_num_samples, **common, **timing}
+
+
+def fid_samples_unit_images(batch_size: int) -> int:
+    """Images per unit of the fid_samples job: a multiple of eval.batch_size, so the workers featurise the same
+    batches as the generating fid job's chunks and the statistics are summed identically."""
+    return batch_size * max(1, SAMPLES_UNIT_IMAGES // batch_size)
+
+
+def run_fid_samples(
+    pool: WorkerPool,
+    config: RunConfig,
+    samples: SampleSet,
+    reference: fidlib.ReferenceStats,
+    reference_path: Path,
+    store_for: Callable[[str, dict], UnitStore],
+) -> dict[str, Any]:
+    """FID and KID of the first eval.fid_num_samples images of an existing sample set (eval.fid_samples), each
+    exactly once (checked), in the set's order; nothing is generated."""
+    e = config.eval
+    n = e.fid_num_samples
+    size = fid_samples_unit_images(e.batch_size)
+    ranges = [(start, min(start + size, n)) for start in range(0, n, size)]
+    store = store_for(
+        "fid_samples",
+        {"samples": samples.fingerprint, "format": samples.kind, "split": samples.split, "num": n,
+         "unit_images": size, "batch_size": e.batch_size, "extractor": e.fid_feature_extractor},
+    )  # fmt: skip
+    names = [f"images_{a:09d}_{b - 1:09d}" for a, b in ranges]
+    progress = Progress("fid", n, e.progress_every_s)
+    _compute_missing(
+        pool, "fid_samples_chunk", [UnitSet(store, names, [(samples.range(a, b),) for a, b in ranges])], progress,
+        lambda r: r["count"], lambda r: {"indices": np.array(r["indices"]), "feats": r["feats"]},
     )  # fmt: skip
     timing = {**progress.finish(), "units": store.summary()}
-    stats = fidlib.FeatureStats()
-    for unit in units:  # streamed in sample order: exactly the same statistics however the work was spread
-        indices = unit["indices"].tolist()
-        stats.add(unit["feats"], indices, [i < e.kid_max_features for i in indices])
-    results = [{"redrawn": int(u["redrawn"])} for u in units]
-    metrics = fidlib.fid_and_kid(stats, reference, e.seed)
-    result = {
-        **metrics,
-        "feature_extractor": e.fid_feature_extractor,
+    stats, seen = fidlib.FeatureStats(), []
+    for name in names:  # in eval.batch_size slices: the additions the generating fid job makes, chunk by chunk
+        unit = store.load(name)
+        indices, feats = unit["indices"].tolist(), unit["feats"]
+        if len(feats) != len(indices):
+            raise DataError(f"{samples.path}: a unit read {len(feats)} images for {len(indices)} indices")
+        for i in range(0, len(indices), e.batch_size):
+            _add_features(stats, feats[i : i + e.batch_size], indices[i : i + e.batch_size], e.kid_max_features)
+        seen += indices
+    if seen != list(range(n)):
+        raise DataError(f"{samples.path}: scored {len(seen)} images ({len(set(seen))} distinct) of {n}")
+    return {
+        **fidlib.fid_and_kid(stats, reference, e.seed),
         "num_generated": stats.num,
-        "num_reference": int(reference.meta.get("num", 0)),
-        "reference": str(reference_path),
-        "reference_meta": reference.meta,
-        "denoised": denoise_std is not None,
-        "denoise_noise_std": denoise_std,
-        "num_nonfinite_redrawn": sum(r["redrawn"] for r in results),
-        "settings": sampling_settings(e),
-        "decoding_passes": _passes_summary(units, config.model.num_tokens),
-        "protocol": fidlib.PROTOCOL,
+        "samples": {**samples.describe(), "num_scored": n},
+        **_fid_common(config, reference, reference_path, None),
+        "denoised": None,
+        "note": "eval.fid_samples: existing images were scored; eval.guidance, eval.decoding, eval.denoise_step and "
+        "eval.fid_denoise were not used (nothing was sampled)",
         **timing,
     }
-    if png_dir:
-        result["png_dir"] = png_dir
-    if e.fid_feature_extractor != "inception":
-        result["warning"] = f"feature_extractor={e.fid_feature_extractor}: a pipeline test, these numbers are not FID"
-    return result

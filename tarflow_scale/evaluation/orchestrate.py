@@ -10,13 +10,14 @@ from typing import Any
 import ray
 
 from ..artifacts import Provenance, TrainingNoise, load_model
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, SweepPoint
 from ..data import DataError, check_first_sample, check_shard_sizes, read_manifest, resolve_data_path
 from . import fid as fidlib
-from .jobs import JOB_ORDER, data_fingerprint, run_bpd, run_fid, run_fid_stats, run_sampling
+from .jobs import JOB_ORDER, data_fingerprint, run_bpd, run_fid, run_fid_samples, run_fid_stats, run_sampling
 from .outputs import METRICS_FILE, build_report, check_finite_results, write_per_image, write_report, write_tensorboard
 from .pool import WorkerPool, init_ray
 from .precision import job_precision
+from .sample_sets import SampleSet, find_sample_set
 from .units import UnitStore, model_fingerprint
 
 
@@ -76,6 +77,35 @@ def _denoise_std(config: RunConfig, noise: TrainingNoise) -> float:
     return config.eval.denoise_noise_std or noise.noise_std
 
 
+def _plan_fid_samples(config: RunConfig, reference: fidlib.ReferenceStats | None) -> SampleSet:
+    """eval.fid_samples: the existing images, of the reference's size and channels, and enough of them."""
+    e, m = config.eval, config.model
+    channels = reference.meta.get("channels", m.in_channels) if reference is not None else m.in_channels
+    samples = find_sample_set(e.fid_samples, e.fid_samples_split, channels, m.image_size)
+    if samples.num_images < e.fid_num_samples:
+        raise ConfigError(
+            f"eval.fid_samples={e.fid_samples} holds {samples.num_images} images, fewer than eval.fid_num_samples="
+            f"{e.fid_num_samples}: set eval.fid_num_samples={samples.num_images} (FID depends on the count: compare "
+            "scores of equal counts) or add samples"
+        )
+    return samples
+
+
+def _check_sweep(config: RunConfig, fid_denoise_std: float | None) -> list[SweepPoint] | None:
+    """eval.sweep's settings (validated with the eval section), or None when nothing is swept."""
+    e = config.eval
+    if not e.sweep.active:
+        return None
+    if e.sweep.denoise_step and fid_denoise_std is None:
+        raise ConfigError(
+            "eval.sweep.denoise_step is set but the FID samples are not denoised (eval.fid_denoise=false, or the "
+            "checkpoint was trained without Gaussian noise): there is no Tweedie step to sweep"
+        )
+    # Each point differs from eval.decoding in its mode only, which Decoding.check does not depend on: the
+    # pre-flight check of eval.decoding covers them all.
+    return e.sweep.points(e.guidance, e.decoding, e.denoise_step)
+
+
 def evaluate(
     config: RunConfig,
     checkpoint: Provenance,
@@ -112,6 +142,11 @@ def evaluate(
     reference_path, reference, build_reference = None, None, False
     if "fid" in jobs or "fid_stats" in jobs:
         reference_path, reference, build_reference = _plan_fid(config, jobs)
+    samples, points = None, None
+    if "fid" in jobs and e.fid_samples:
+        samples = _plan_fid_samples(config, reference)
+    elif "fid" in jobs:
+        points = _check_sweep(config, fid_denoise_std)
     num_workers = config.cluster.num_workers  # the one knob (eval.num_workers was removed)
     e.decoding.check(model, "cuda" if config.cluster.use_gpu else "cpu", key="eval.decoding.")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +176,12 @@ def evaluate(
             if "fid" in jobs:
                 if reference is None:
                     reference = fidlib.load_reference(reference_path, {})
-                results["fid"] = run_fid(pool, config, fid_denoise_std, reference, reference_path, out_dir, store_for)
+                if samples is not None:
+                    results["fid"] = run_fid_samples(pool, config, samples, reference, reference_path, store_for)
+                else:
+                    results["fid"] = run_fid(
+                        pool, config, fid_denoise_std, reference, reference_path, out_dir, store_for, points
+                    )
         finally:
             pool.close()
         for job, result in results.items():  # the precision each job ran at (evaluation/precision.py)

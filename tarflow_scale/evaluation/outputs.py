@@ -63,6 +63,11 @@ def check_finite_results(results: dict[str, Any], out_dir: str | Path) -> None:
     headline.update({f"fid.{k}": results["fid"].get(k) for k in ("fid", "kid") if "fid" in results})
     headline["denoise.rms_change"] = results.get("denoise", {}).get("rms_change")
     bad = [f"results.{k} = {float(v)}" for k, v in headline.items() if v is not None and not math.isfinite(float(v))]
+    # A sweep lists a diverging setting as non-finite and never picks it as best; only a sweep with no finite
+    # setting at all has nothing to publish.
+    rows = (results.get("fid") or {}).get("sweep", {}).get("rows", [])
+    if rows and not any(row.get("fid") is not None and math.isfinite(float(row["fid"])) for row in rows):
+        bad.append(f"results.fid.sweep: every one of the {len(rows)} settings' FID is non-finite")
     if bad:
         raise NonFiniteResultError(
             f"{', '.join(bad)}: the model gives non-finite values (damaged or diverged weights?), so no metrics.json "
@@ -118,6 +123,23 @@ def _training_step(report: dict[str, Any]) -> int:
     return int(digits) if digits.isdigit() else 0
 
 
+def _fid_prefix(fid: dict[str, Any]) -> str:
+    return "eval" if fid.get("feature_extractor") == "inception" else "eval/pipeline_check"
+
+
+def sweep_hparams(report: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, float]]]:
+    """A FID sweep's rows as TensorBoard hparams: (the four settings, {metric tag: value}) per setting."""
+    fid = report.get("results", {}).get("fid") or {}
+    if "sweep" not in fid:
+        return []
+    prefix = _fid_prefix(fid)
+    out = []
+    for row in fid["sweep"]["rows"]:
+        metrics = {f"{prefix}/sweep_{k}": row[k] for k in ("fid", "kid", "kid_std") if row.get(k) is not None}
+        out.append((dict(row["setting"]), metrics))
+    return out
+
+
 def tensorboard_scalars(report: dict[str, Any]) -> dict[str, float]:
     """The headline numbers under TensorBoard tags; a pooled-pixel "FID" is tagged as the pipeline check it is."""
     results, scalars = report.get("results", {}), {}
@@ -125,8 +147,8 @@ def tensorboard_scalars(report: dict[str, Any]) -> dict[str, float]:
         if isinstance(value, dict) and "mean" in value:
             scalars[f"eval/bpd_{name}"] = value["mean"]
     fid = results.get("fid")
-    if fid:
-        prefix = "eval" if fid.get("feature_extractor") == "inception" else "eval/pipeline_check"
+    if fid and "sweep" not in fid:  # a sweep's rows go to TensorBoard as hparams (write_tensorboard)
+        prefix = _fid_prefix(fid)
         scalars[f"{prefix}/fid"] = fid["fid"]
         if fid.get("kid") is not None:
             scalars[f"{prefix}/kid"] = fid["kid"]
@@ -153,9 +175,12 @@ def write_tensorboard(report: dict[str, Any], out_dir: str | Path) -> Path | Non
         results = report.get("results", {})
         grids = {"eval/samples": results.get("sample", {}).get("files", {}).get("grid")}
         grids["eval/samples_denoised"] = results.get("denoise", {}).get("files", {}).get("denoised_grid")
+        grids["eval/sweep_grid"] = (results.get("fid") or {}).get("sweep", {}).get("files", {}).get("grid")
         for tag, path in grids.items():
             if path and Path(path).is_file():
                 writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+        for i, (hparams, metrics) in enumerate(sweep_hparams(report)):  # each in its own run: tensorboard/sweep_NNN
+            writer.add_hparams(hparams, metrics, run_name=f"sweep_{i:03d}", global_step=step)
     finally:
         writer.close()
     return folder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,9 @@ from . import fid as fidlib
 from .bpd import batch_bits_per_dim
 from .generate import generate
 from .outputs import write_pngs
+from .sample_sets import SampleRange, read_batches
+
+GRID_SAMPLES = 16  # a FID unit keeps the pixels of sample indices below this: each sweep setting's grid
 
 
 def passes_arrays(stats: DecodingStats) -> dict[str, Any]:
@@ -101,7 +105,9 @@ class EvalWorker:
         png_dir: str | None,
     ) -> dict[str, Any]:
         """Generate, (denoise), quantise and featurise samples `indices`: their features, one unit of the FID job
-        (about 8 KB per sample for Inception; the driver saves them and streams them into the statistics)."""
+        (about 8 KB per sample for Inception; the driver saves them and streams them into the statistics), the
+        pixels of those below GRID_SAMPLES and the seconds it took."""
+        start = time.perf_counter()
         stats = DecodingStats()
         images, labels, redrawn = self._generate(indices, guidance, decoding, stats)
         if denoise_std is not None:
@@ -111,10 +117,21 @@ class EvalWorker:
         if png_dir:
             write_pngs(pixels, indices, png_dir)
         feats = fidlib.extract_features(pixels, self._feature_network(), self.device)
+        grid = pixels[[j for j, i in enumerate(indices) if i < GRID_SAMPLES]].numpy()
         return {
             "indices": indices, "feats": np.asarray(feats), "redrawn": redrawn, "count": len(indices),
-            **passes_arrays(stats),
+            "grid": grid, "seconds": time.perf_counter() - start, **passes_arrays(stats),
         }  # fmt: skip
+
+    def fid_samples_chunk(self, images: SampleRange) -> dict[str, Any]:
+        """Features of existing images (eval.fid_samples) start .. stop - 1, extracted eval.batch_size at a time
+        from `start`, as fid_chunk featurises a chunk of generated samples."""
+        feats = [
+            fidlib.extract_features(batch, self._feature_network(), self.device)
+            for batch in read_batches(images, self.config.eval.batch_size)
+        ]
+        indices = list(range(images.start, images.stop))
+        return {"indices": indices, "feats": np.concatenate(feats), "count": len(indices)}
 
     def reference_part(self, part: int, num_parts: int, split: str, num_reference: int) -> dict[str, Any]:
         """Feature statistics of the real images in part `part` of `num_parts` of `split` (one unit of fid_stats)."""
