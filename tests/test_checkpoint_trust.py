@@ -131,6 +131,9 @@ for _ in range(2):
     engine.backward(-(engine.module.prior(z) + log_det).mean())
     engine.step()
 engine.save_checkpoint(folder, tag="step_00000002")
+# Leave together: a rank exiting while the other is still inside gloo aborts it (terminate without an exception).
+dist.barrier()
+dist.destroy_process_group()
 """
 
 
