@@ -7,6 +7,7 @@ from .checks import ConfigError, SettingError
 from .loading import (
     SHIPPED_CONFIG_DIR,
     dump_config,
+    flatten,
     from_dict,
     load_config,
     model_config_from_dict,
@@ -50,6 +51,7 @@ __all__ = [
     "TarFlowConfig",
     "TrainConfig",
     "dump_config",
+    "flatten",
     "from_dict",
     "load_config",
     "local_run_dir",
