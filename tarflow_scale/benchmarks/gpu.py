@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def fits(label: str, measure):
         """measure(), or None after a row saying the setting ran out of GPU memory: the remaining rows still run
-        (a one-shot session on a lent GPU should not lose them to the first setting that does not fit)."""
+        (one run on a GPU should not lose them to the first setting that does not fit)."""
         try:
             return measure()
         except torch.cuda.OutOfMemoryError:
