@@ -11,28 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_eval import random_model as eval_random_model
+from test_eval import tiny_config
 
 import tarflow_scale.cli.export as export_cli
 import tarflow_scale.cli.train as train_cli
 from tarflow_scale.artifacts import CheckpointError, PretrainedTarFlow, load_model, read_provenance, save_export
 from tarflow_scale.artifacts.load import check_initial_weights, load_initial_weights
 from tarflow_scale.artifacts.weights import CHECKSUM_KEY, read_weights
-from tarflow_scale.config import DataConfig, RunConfig, TarFlowConfig, TrainConfig
+from tarflow_scale.config import DataConfig, RunConfig, TrainConfig
 from tarflow_scale.models.tarflow import TarFlow
 
 
-def tiny_config(**overrides) -> TarFlowConfig:
-    fields = dict(image_size=8, patch_size=2, channels=32, head_dim=16, num_blocks=2, layers_per_block=1)
-    return TarFlowConfig(**{**fields, **overrides})
-
-
 def random_model(seed: int = 0, **overrides) -> PretrainedTarFlow:
-    torch.manual_seed(seed)
-    model = PretrainedTarFlow(tiny_config(**overrides))
-    with torch.no_grad():
-        for block in model.blocks:
-            block.proj_out.weight.normal_(0, 0.05)
-    return model.eval()
+    """test_eval's model with live heads, as the Hub mixin's class (save_pretrained, push_to_hub)."""
+    return eval_random_model(seed, PretrainedTarFlow, **overrides)
 
 
 def training_run(model: TarFlow, noise: str = "gaussian", **data) -> RunConfig:

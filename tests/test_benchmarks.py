@@ -110,7 +110,7 @@ def test_gpu_proof_runs_every_part_at_toy_size_without_ray(tmp_path):
 
 @pytest.mark.slow  # platform.processor() runs `uname -p`
 def test_gpu_benchmark_reports_a_setting_that_runs_out_of_memory_and_goes_on(monkeypatch, capsys):
-    """On a lent GPU the rows are taken in one call: a setting that does not fit is a row, not the end of it."""
+    """One run takes every row: a setting that does not fit is a row, not the end of it."""
     from tarflow_scale.benchmarks import gpu
 
     measure = gpu.bench_train

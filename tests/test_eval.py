@@ -47,10 +47,10 @@ def gaussian_model(std: float, **overrides) -> TarFlow:
     return model.eval()
 
 
-def random_model(seed: int = 0, **overrides) -> TarFlow:
+def random_model(seed: int = 0, model_class: type[TarFlow] = TarFlow, **overrides) -> TarFlow:
     """Non-zero heads, so sampling, guidance and the score do real work."""
     torch.manual_seed(seed)
-    model = TarFlow(tiny_config(**overrides))
+    model = model_class(tiny_config(**overrides))
     with torch.no_grad():
         for block in model.blocks:
             block.proj_out.weight.normal_(0, 0.05)

@@ -156,6 +156,16 @@ def naive_inverse(model, z, y=None, guidance=0.0, annealed=False, attn_temp=1.0)
     return unpatchify(tokens, c.patch_size, c.in_channels, c.image_size)
 
 
+def assert_cached_sampler_equals_naive(model, num_classes, guidance, annealed, attn_temp):
+    """model.inverse (KV cache, guidance as one batch of 2B) equals naive_inverse on the same float64 noise."""
+    z = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    y = None if not num_classes else torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        naive = naive_inverse(model, z, y, guidance, annealed, attn_temp)
+    cached = model.inverse(z, y, Guidance(guidance, annealed, attn_temp))
+    torch.testing.assert_close(cached, naive, atol=1e-9, rtol=0)
+
+
 @pytest.mark.parametrize("transform", available_transforms())
 @pytest.mark.parametrize(
     "num_classes,guidance,annealed,attn_temp",
@@ -168,13 +178,7 @@ def naive_inverse(model, z, y=None, guidance=0.0, annealed=False, attn_temp=1.0)
     ],
 )
 def test_cached_sampler_equals_naive_sampler(transform, num_classes, guidance, annealed, attn_temp):
-    model = make_model(transform, num_classes)
-    z = torch.randn(3, 2, 4, 4, dtype=torch.float64)
-    y = None if not num_classes else torch.tensor([0, 2, 1])
-    with torch.no_grad():
-        naive = naive_inverse(model, z, y, guidance, annealed, attn_temp)
-    cached = model.inverse(z, y, Guidance(guidance, annealed, attn_temp))
-    torch.testing.assert_close(cached, naive, atol=1e-9, rtol=0)
+    assert_cached_sampler_equals_naive(make_model(transform, num_classes), num_classes, guidance, annealed, attn_temp)
 
 
 def test_guidance_weight_zero_is_plain_conditional_sampling():

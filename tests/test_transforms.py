@@ -130,17 +130,23 @@ def test_log_derivative_matches_autograd(name: str) -> None:
         torch.testing.assert_close(log_abs_det, log_deriv[i].detach().sum(), rtol=0, atol=1e-9)
 
 
-@parametrize
-def test_param_gradients_finite_and_alive_at_identity(name: str) -> None:
-    t = TRANSFORMS[name]
-    x, params = _inputs(t, seed=6)
+def param_gradient_sizes(t: TokenTransform, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Largest |gradient| per param slot (P,) of a Gaussian negative log-likelihood at zero params (a
+    zero-initialised head), after checking that the gradient is finite there and at `params`."""
     for p in (params, torch.zeros_like(params)):
         p = p.clone().requires_grad_(True)
         z, log_deriv = t.forward(x, p)
         (0.5 * z.square() - log_deriv).sum().backward()  # a Gaussian negative log-likelihood
         assert p.grad.isfinite().all()
+    return p.grad.abs().amax(dim=(0, 1))
+
+
+@parametrize
+def test_param_gradients_finite_and_alive_at_identity(name: str) -> None:
+    t = TRANSFORMS[name]
+    x, params = _inputs(t, seed=6)
     # At zero params (a zero-initialised head) every slot must receive gradient somewhere.
-    alive = p.grad.abs().amax(dim=(0, 1)) > 0  # (P,)
+    alive = param_gradient_sizes(t, x, params) > 0  # (P,)
     dead = set(DEAD_AT_IDENTITY.get(name, ()))
     assert [bool(a) for a in alive] == [j not in dead for j in range(t.num_params)]
 

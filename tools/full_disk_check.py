@@ -5,11 +5,12 @@ Needs a small dedicated file system (as root: `mount -t tmpfs -o size=5m tmpfs D
   2. fill DIR until less than half a checkpoint is free, extend to 6 steps: the save of step 6 fails;
   3. list what the failure left (incomplete folders, Ray's snapshot), and what `tarflow-export` would take;
   4. free the space and re-run the same command: it must resume from step 3 and finish, export agreeing.
-Usage: python tools/full_disk_check.py DIR
+Usage: python tools/full_disk_check.py DIR   (DIR: the mount point of that small file system; it is filled)
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 import tempfile
@@ -96,4 +97,6 @@ def main(mount: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dir", help="mount point of a small dedicated file system (filled, then freed)")
+    sys.exit(main(parser.parse_args().dir))

@@ -1,4 +1,4 @@
-"""The parts of the one-lease GPU proof (tools/gpu_proof.sh runs them in order, each under its own time cap).
+"""The parts of the GPU proof (tools/gpu_proof.sh runs them in order, each under its own time cap).
 
     python tools/gpu_proof.py PART [ARGS] --mode gpu|smoke --report OUT/gpu_proof.md
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU proof in one call of at most 8 minutes: every figure docs/gpu.md lists as "not measured", written to
-# $OUT/gpu_proof.md (or gpu_results/gpu_proof.md) the moment it is measured, so a call stopped at its limit keeps
+# The GPU proof in one command of at most 8 minutes: every figure docs/gpu.md lists as "not measured", written to
+# $OUT/gpu_proof.md (or gpu_results/gpu_proof.md) the moment it is measured, so a run stopped at a time limit keeps
 # what it had. From the repository root:
 #
-#   bash tools/gpu_proof.sh          # on one GPU (a lent H100/H200): the run tool's timeout_s 480, carry [".whl"]
+#   bash tools/gpu_proof.sh          # on one GPU (H100/H200), offline: wheels from .whl/ (docs/gpu.md)
 #   bash tools/gpu_proof.sh smoke    # every part at toy sizes on the CPU (tests/test_benchmarks.py runs it in CI)
 #
 # Parts, in order, each under its own cap (python tools/gpu_proof.py PART does the work):
@@ -15,9 +15,10 @@
 #   3. sampling, paper model, guided, batch 256, bf16: sequential eager, CUDA graph, Jacobi             <= 120 s
 #   4. bits/dim images/s; Tweedie denoise images/s and peak memory at the default denoise batch          <= 60 s
 #
-# The GPU image has torch, numpy, PyYAML, PIL, safetensors, tqdm, huggingface_hub, but no DeepSpeed, webdataset,
-# pydantic or hjson, and no network: their wheels travel in .whl/ (git-ignored), prepared where PyPI is reachable
-# with the command in docs/gpu.md ("Preparing .whl/"), and are installed here with --no-index into /tmp/site.
+# The machine needs Python 3.12 with torch, numpy, PyYAML, PIL, safetensors, tqdm and huggingface_hub. Where
+# DeepSpeed or webdataset does not import (an offline machine without them), their wheels and those of their
+# dependencies come from .whl/ (git-ignored), prepared where PyPI is reachable with the command in docs/gpu.md
+# ("Preparing .whl/"), and are installed here with --no-index into /tmp/site.
 set -uo pipefail
 mode=${1:-gpu}
 case $mode in

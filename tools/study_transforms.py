@@ -1,4 +1,4 @@
-"""Issue 6: which per-token transform buys the most held-out likelihood for the same CPU wall-clock budget?
+"""Which per-token transform buys the most held-out likelihood for the same CPU wall-clock budget?
 
 Trains five TarFlows on the bundled real dataset, one after another, each for the same wall-clock budget:
 
@@ -86,7 +86,7 @@ class Variant:
 
 
 def study_variants(num_blocks: int) -> list[Variant]:
-    """The five models of issue 6, at N = num_blocks."""
+    """The five models of the study, at N = num_blocks."""
     return [
         Variant("affine", "affine", {"transform": "affine", "num_blocks": num_blocks}),
         Variant("spline4", "spline K=4", {"transform": "spline", "num_bins": 4, "num_blocks": num_blocks}),

@@ -1,10 +1,12 @@
-"""Pieces every benchmark suite shares: the --device option, config loading that reports errors, a device sync
-for honest timings and a model whose heads do real work."""
+"""Pieces every benchmark suite shares: the --device option, config loading that reports errors, timings that wait
+for the device's queued work, and a model whose heads do real work."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -31,6 +33,23 @@ def sync(device: torch.device) -> None:
     """Wait for queued GPU work before reading the clock (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def seconds_per_call(fn: Callable[[], object], device: torch.device, calls: int = 1) -> float:
+    """Wall-clock seconds per call of `calls` back-to-back calls of `fn`, the device's queued work included (warm
+    `fn` up first: the first call pays for allocation and kernel selection)."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / calls
+
+
+def fastest_call(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` timed calls (the minimum is the least disturbed by other load on a shared
+    machine); warm `fn` up first."""
+    return min((seconds_per_call(fn, device) for _ in range(repeats)), default=float("inf"))
 
 
 def perturb_heads(model: TarFlow, std: float = 1e-3, seed: int = 0) -> TarFlow:

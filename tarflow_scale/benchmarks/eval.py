@@ -15,12 +15,11 @@ import argparse
 import platform
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from tarflow_scale.benchmarks.common import add_device_option, load_suite_config, model_with_live_heads, sync
+from tarflow_scale.benchmarks.common import add_device_option, fastest_call, load_suite_config, model_with_live_heads
 from tarflow_scale.config import Guidance, TarFlowConfig
 from tarflow_scale.evaluation.bpd import batch_bits_per_dim
 from tarflow_scale.evaluation.generate import generate
@@ -59,17 +58,9 @@ class PeakMemory:
 
 
 def _timed(fn, device: torch.device, repeats: int) -> float:
-    """Seconds of the fastest of `repeats` calls, after one warm-up call (the minimum is the least disturbed by
-    other load on a shared machine)."""
+    """Seconds of the fastest of `repeats` calls, after one warm-up call."""
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+    return fastest_call(fn, device, repeats)
 
 
 def build(config: TarFlowConfig, device: torch.device) -> TarFlow:

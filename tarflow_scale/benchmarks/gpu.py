@@ -18,11 +18,15 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 
 import torch
 
-from tarflow_scale.benchmarks.common import add_device_option, load_suite_config, model_with_live_heads, sync
+from tarflow_scale.benchmarks.common import (
+    add_device_option,
+    load_suite_config,
+    model_with_live_heads,
+    seconds_per_call,
+)
 from tarflow_scale.benchmarks.eval import PeakMemory
 from tarflow_scale.benchmarks.model import FLOP_CONVENTION, count_train_flops, measure_matmul_peak
 from tarflow_scale.config import Decoding, Guidance, TarFlowConfig
@@ -100,12 +104,7 @@ def bench_train(
     memory = PeakMemory(device)
     step()  # warm-up (allocates the optimizer state)
     memory.reset()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    seconds = (time.perf_counter() - start) / steps
+    seconds = seconds_per_call(step, device, steps)
     return {"images_per_s": batch / seconds, "flops": flops, "flops_per_s": flops / seconds, "peak": memory.peak_mib()}
 
 
@@ -116,11 +115,7 @@ def bench_sampling(model: TarFlow, batch: int, device: torch.device, precision: 
     guidance = Guidance(weight=1.0, attn_temp=1.0 if model.config.num_classes else 1.5)
     decoding = Decoding(precision=precision, cuda_graph=cuda_graph)
     generate(model, [0, 1], guidance, decoding)  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    generate(model, list(range(batch)), guidance, decoding)
-    sync(device)
-    return batch / (time.perf_counter() - start)
+    return batch / seconds_per_call(lambda: generate(model, list(range(batch)), guidance, decoding), device)
 
 
 def bench_bpd(model: TarFlow, batch: int, device: torch.device) -> float:
@@ -128,12 +123,9 @@ def bench_bpd(model: TarFlow, batch: int, device: torch.device) -> float:
     pixels = torch.randint(0, 256, (batch, c.in_channels, c.image_size, c.image_size), dtype=torch.uint8)
     labels = (torch.arange(batch) % c.num_classes).to(device) if c.num_classes else None
     keys = [f"bench{i:06d}" for i in range(batch)]
-    batch_bits_per_dim(model, pixels[:2].to(device), None if labels is None else labels[:2], keys[:2])
-    sync(device)
-    start = time.perf_counter()
-    batch_bits_per_dim(model, pixels.to(device), labels, keys)
-    sync(device)
-    return batch / (time.perf_counter() - start)
+    batch_bits_per_dim(model, pixels[:2].to(device), None if labels is None else labels[:2], keys[:2])  # warm-up
+    pixels = pixels.to(device)
+    return batch / seconds_per_call(lambda: batch_bits_per_dim(model, pixels, labels, keys), device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def fits(label: str, measure):
         """measure(), or None after a row saying the setting ran out of GPU memory: the remaining rows still run
-        (a one-shot session on a lent GPU should not lose them to the first setting that does not fit)."""
+        (one run on a GPU should not lose them to the first setting that does not fit)."""
         try:
             return measure()
         except torch.cuda.OutOfMemoryError:

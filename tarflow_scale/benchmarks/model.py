@@ -9,11 +9,15 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 
 import torch
 
-from tarflow_scale.benchmarks.common import add_device_option, load_suite_config, model_with_live_heads, sync
+from tarflow_scale.benchmarks.common import (
+    add_device_option,
+    load_suite_config,
+    model_with_live_heads,
+    seconds_per_call,
+)
 from tarflow_scale.config import Guidance
 from tarflow_scale.models.tarflow import TarFlow
 
@@ -23,12 +27,7 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 20
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
+    return 2 * size**3 / seconds_per_call(lambda: a @ b, device, repeats)
 
 
 # MFU's model FLOPs count causal attention as half of the full T x T product (QK^T and AV): the masked half is
@@ -73,12 +72,7 @@ def bench_training(model: TarFlow, batch: int, steps: int, device: torch.device,
         optimizer.zero_grad(set_to_none=True)
 
     step()  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    seconds = (time.perf_counter() - start) / steps
+    seconds = seconds_per_call(step, device, steps)
     return {"images_per_s": batch / seconds, "step_s": seconds, "flops_per_s": flops / seconds}
 
 
@@ -88,12 +82,8 @@ def bench_sampling(model: TarFlow, batch: int, device: torch.device, guidance: f
     y = torch.randint(0, c.num_classes, (batch,), device=device) if c.num_classes else None
     # Unconditional models guide by attention temperature.
     guided = Guidance(weight=guidance, attn_temp=1.0 if c.num_classes else 1.5)
-    model.sample(min(batch, 2), y=None if y is None else y[:2], guidance=guided)
-    sync(device)
-    start = time.perf_counter()
-    model.sample(batch, y=y, guidance=guided)
-    sync(device)
-    return batch / (time.perf_counter() - start)
+    model.sample(min(batch, 2), y=None if y is None else y[:2], guidance=guided)  # warm-up
+    return batch / seconds_per_call(lambda: model.sample(batch, y=y, guidance=guided), device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from tarflow_scale.benchmarks.common import add_device_option, load_suite_config, perturb_heads, sync
+from tarflow_scale.benchmarks.common import add_device_option, fastest_call, load_suite_config, perturb_heads
 from tarflow_scale.config import Decoding, Guidance
 from tarflow_scale.models.decoding import DecodingStats
 from tarflow_scale.models.tarflow import TarFlow
@@ -58,14 +58,7 @@ def time_sampling(model, z, y, guidance, decoding, repeats, device) -> tuple[flo
     """Fastest of `repeats` calls after a warm-up (the minimum is least disturbed by other load)."""
     stats = DecodingStats()
     images = model.inverse(z, y, guidance, decoding, stats=stats)
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        model.inverse(z, y, guidance, decoding)
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best, images, stats
+    return fastest_call(lambda: model.inverse(z, y, guidance, decoding), device, repeats), images, stats
 
 
 def main(argv: list[str] | None = None) -> int:

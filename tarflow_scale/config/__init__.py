@@ -1,12 +1,14 @@
 """Typed configuration. `checks`: the error types and range checks; `models`: the model families' architectures;
 `sampling`: guidance and decoding settings; `sweep`: eval.sweep and its grid of settings; `run`: the run config and
-its components; `study`: the tabular study; `loading`: YAML, overrides, type checks.
+its components; `memory` and `batching`: the per-GPU memory estimate and the micro-batch derived from it; `study`:
+the tabular study; `loading`: YAML, overrides, type checks.
 """
 
 from .checks import ConfigError, SettingError
 from .loading import (
     SHIPPED_CONFIG_DIR,
     dump_config,
+    flatten,
     from_dict,
     load_config,
     model_config_from_dict,
@@ -50,6 +52,7 @@ __all__ = [
     "TarFlowConfig",
     "TrainConfig",
     "dump_config",
+    "flatten",
     "from_dict",
     "load_config",
     "local_run_dir",

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -102,6 +102,17 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
 def to_dict(config: Any) -> dict:
     """Plain nested dict (tuples become lists) suitable for YAML and JSON."""
     return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}: every leaf under its dotted key (lists stay values)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

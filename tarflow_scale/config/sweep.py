@@ -2,9 +2,9 @@
 the points of that grid, each a full set of sampling settings built through the same `Guidance` / `Decoding`
 validators as `eval.guidance` / `eval.decoding`.
 
-The keys are flat lists so the dotted override parser reads them as the issue writes them
-(`eval.sweep.guidance=[0,0.5,1,2,3]`); each names a setting of the eval section (`SWEPT`), and the outputs
-(sweep.csv, metrics.json) use those names: guidance.weight, guidance.attn_temp, denoise_step, decoding.mode.
+The keys are flat lists so that one dotted override sets one (`eval.sweep.guidance=[0,0.5,1,2,3]`); each names
+a setting of the eval section (`SWEPT`), and the outputs (sweep.csv, metrics.json) use those names:
+guidance.weight, guidance.attn_temp, denoise_step, decoding.mode.
 """
 
 from __future__ import annotations

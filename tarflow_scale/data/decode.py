@@ -80,6 +80,19 @@ class SampleDecoder:
         self.shape = (image_size, image_size, channels)
         self.num_classes = num_classes  # 0: unconditional data, labels unchecked
 
+    def image(self, data: bytes, where: str, shape_source: str = "the manifest says") -> Tensor:
+        """PNG bytes -> (C, H, W) uint8, exactly as stored; a DataError starting with `where` (shard and key, or a
+        file) when they are damaged, have no exact form or another size than `shape_source` gives."""
+        try:
+            array = self.pixels(data)
+        except NoExactForm as e:
+            raise DataError(f"{where} {e}") from None
+        except Exception as e:  # PIL raises many types for damaged data
+            raise DataError(f"{where} is corrupt ({type(e).__name__}: {e})") from None
+        if array.shape != self.shape:
+            raise DataError(f"{where} is {array.shape} (H, W, C), {shape_source} {self.shape}")
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
     def pixels(self, data: bytes) -> np.ndarray:
         """PNG bytes -> (H, W, C) uint8; NoExactForm saying why they have no exact form, PIL's own errors (or a
         ValueError) for damaged data."""
@@ -104,15 +117,8 @@ class SampleDecoder:
             raise DataError(f"{url}: sample {key!r} has no {e.args[0]!r} field") from None
         except ValueError:
             raise DataError(f"{url}: sample {key!r} has a label that is not an integer: {sample['cls']!r}") from None
-        try:
-            array = self.pixels(data)
-        except NoExactForm as e:
-            raise DataError(f"{url}: sample {key!r} {e}") from None
-        except Exception as e:  # PIL raises many types for damaged data
-            raise DataError(f"{url}: sample {key!r} is corrupt ({type(e).__name__}: {e})") from None
-        if array.shape != self.shape:
-            raise DataError(f"{url}: sample {key!r} is {array.shape} (H, W, C), the manifest says {self.shape}")
+        image = self.image(data, f"{url}: sample {key!r}")
         # Out of range, a label would train as the null label (-1) or index past the class embedding.
         if self.num_classes and not 0 <= label < self.num_classes:
             raise DataError(f"{url}: sample {key!r} has label {label}, outside [0, {self.num_classes})")
-        return torch.from_numpy(array.copy()).permute(2, 0, 1), label, key
+        return image, label, key

@@ -56,8 +56,8 @@ PASSES_KEYS = ("passes", "calls")
 
 
 def _passes_summary(units: list[dict[str, np.ndarray]], num_tokens: int) -> dict[str, Any] | None:
-    """Mean model passes per block over every sampling call of a job (models/decoding.py DecodingStats.summary);
-    None if its units were saved before passes were recorded."""
+    """Mean model passes per block over every sampling call of a job (DecodingStats.summary, models/decoding/stats.py);
+    None when a unit holds no pass counts."""
     if not units or any("passes" not in u for u in units):
         return None
     total = DecodingStats(num_tokens=num_tokens)

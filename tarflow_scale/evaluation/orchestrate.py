@@ -147,7 +147,7 @@ def evaluate(
         samples = _plan_fid_samples(config, reference)
     elif "fid" in jobs:
         points = _check_sweep(config, fid_denoise_std)
-    num_workers = config.cluster.num_workers  # the one knob (eval.num_workers was removed)
+    num_workers = config.cluster.num_workers  # the one knob: evaluation runs on the cluster's workers
     e.decoding.check(model, "cuda" if config.cluster.use_gpu else "cpu", key="eval.decoding.")
     out_dir.mkdir(parents=True, exist_ok=True)
 

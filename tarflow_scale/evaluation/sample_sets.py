@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..config import ConfigError, DataConfig
 from ..data import DataError, check_first_sample, check_shard_sizes, make_range_loader, read_manifest
-from ..data.decode import NoExactForm, SampleDecoder, inexact_reason, read_png_header
+from ..data.decode import SampleDecoder, inexact_reason, read_png_header
 from ..data.manifest import is_url, manifest_name
 
 KEY = "eval.fid_samples"
@@ -154,14 +154,10 @@ def _png_pixels(path: str, decoder: SampleDecoder) -> Tensor:
     """(C, H, W) uint8 of one PNG file, decoded exactly as a shard sample is; a DataError names the file."""
     try:
         with open(path, "rb") as f:
-            array = decoder.pixels(f.read())
-    except NoExactForm as e:
-        raise DataError(f"{path} {e}") from None
-    except Exception as e:  # PIL raises many types for damaged data
-        raise DataError(f"{path} is corrupt or unreadable ({type(e).__name__}: {e})") from None
-    if array.shape != decoder.shape:
-        raise DataError(f"{path} is {array.shape} (H, W, C), expected {decoder.shape}")
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+            data = f.read()
+    except OSError as e:
+        raise DataError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
+    return decoder.image(data, path, "expected")
 
 
 def read_batches(images: SampleRange, batch_size: int) -> Iterator[Tensor]:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_path, write_text
-from ..config import ClusterConfig, ConfigError, RunConfig, to_dict
+from ..config import ClusterConfig, ConfigError, RunConfig, flatten, to_dict
 from ..data.manifest import DataError, Manifest, file_sha256, manifest_name, write_manifest
 from ..data.shards import brace_pattern, shard_names
 from ..models.decoding import DecodingStats
@@ -75,19 +75,9 @@ def settings_record(spec: ShardSampling, model: TarFlow, model_sha256: str) -> d
     )
 
 
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _differences(stored: dict[str, Any], wanted: dict[str, Any], names: Mapping[str, str]) -> list[str]:
     """`--guidance: 1.0 there, 2.0 now`, one per differing setting (model keys collapse into one line)."""
-    old, new = _flat(stored), _flat(wanted)
+    old, new = flatten(stored), flatten(wanted)
     lines, model_differs = [], False
     for key in sorted(set(old) | set(new)):
         if old.get(key, "(unset)") == new.get(key, "(unset)"):

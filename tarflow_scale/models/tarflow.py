@@ -247,8 +247,8 @@ class TarFlow(nn.Module):
             FlowBlock(config, self.transform, reverse_order=bool(k % 2)) for k in range(config.num_blocks)
         )
         # mixers[k] mixes each token's features between blocks k and k + 1 (token-wise, so the next block's
-        # autoregressive structure is untouched). Empty for model.mixer=none: no state-dict keys, old
-        # checkpoints load with strict=True.
+        # autoregressive structure is untouched). Empty for model.mixer=none: no state-dict keys, so the paper's
+        # architecture (and an imported reference checkpoint) loads with strict=True.
         mixers = (
             build_mixer(config.mixer, config.token_dim, config.mixer_factors, seed=k)
             for k in range(config.num_blocks - 1)

@@ -41,7 +41,7 @@ def describe_precision(config: RunConfig) -> str:
 def build_deepspeed_config(config: RunConfig) -> dict[str, Any]:
     """The dict passed as `deepspeed.initialize(config=...)` for this run and world size.
 
-    The learning-rate schedule is ours (`schedule.warmup_cosine`), handed to DeepSpeed as a client scheduler so
+    The learning-rate schedule is ours (`schedule.make_scheduler`), handed to DeepSpeed as a client scheduler so
     its state is saved in every checkpoint and a resumed run continues the same curve.
 
     Precision: DeepSpeed's `bf16` section stays off even under the bf16 policy, because it turns the module's

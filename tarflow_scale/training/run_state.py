@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts.checkpoints import check_trusted, complete_checkpoints, latest_checkpoint, read_run_config
-from ..config import ConfigError, RunConfig, dump_config, to_dict
+from ..config import ConfigError, RunConfig, dump_config, flatten, to_dict
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's list of reported checkpoints, in run_dir
 STOP_FILE = ".stop_requested"  # the driver writes it on SIGINT/SIGTERM; workers stop at the next step boundary
@@ -62,17 +62,6 @@ class RunAborted(Exception):
             "resume from it."
         )
         self.signal_name, self.checkpoint = signal_name, checkpoint
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{"optim": {"lr": 1}} -> {"optim.lr": 1}; lists stay values."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def config_changes(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import TokenTransform, at_least_fp32
+from .base import IterativeTokenTransform
+from .logistic_mixture import logit_of_sigmoid_mixture
 
 
-class MixtureCDFTransform(TokenTransform):
+class MixtureCDFTransform(IterativeTokenTransform):
     r"""z = logit(F(x)) exp(a) + b per dimension, F a mixture of K logistics (Flow++, arXiv 1902.00275).
 
     Params, shape (..., D, 3K + 2) for x of shape (..., D):
@@ -70,16 +68,11 @@ class MixtureCDFTransform(TokenTransform):
         True
     """
 
-    closed_form_inverse = False  # bisection / Newton with a host-side stopping test: not CUDA-graph capturable
-
     def __init__(self, num_components: int, inverse_tol: float = 1e-10, max_iter: int = 100) -> None:
         if num_components < 1:
             raise ValueError(f"num_components must be >= 1, got {num_components}")
-        if inverse_tol <= 0 or max_iter < 1:
-            raise ValueError("inverse_tol must be > 0 and max_iter >= 1")
+        super().__init__(inverse_tol, max_iter)
         self.num_components = num_components
-        self.inverse_tol = inverse_tol
-        self.max_iter = max_iter
         self.num_params = 3 * num_components + 2
 
     def init_head(self, head: nn.Linear) -> None:
@@ -98,11 +91,7 @@ class MixtureCDFTransform(TokenTransform):
 
     def _prepare(self, x: Tensor, params: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         """Cast to the compute dtype, broadcast; split params into (logits, lse(logits), mu, log s, a, b)."""
-        if params.shape[-1] != self.num_params:
-            raise ValueError(f"{self!r} expects params[..., {self.num_params}], got {tuple(params.shape)}")
-        dtype = torch.promote_types(at_least_fp32(x).dtype, at_least_fp32(params).dtype)
-        shape = torch.broadcast_shapes(x.shape, params.shape[:-1])
-        x, params = x.to(dtype).expand(shape), params.to(dtype).expand(*shape, self.num_params)
+        x, params = self._broadcast(x, params)
         K = self.num_components
         logits = params[..., :K]  # (..., D, K)
         means, log_scales = params[..., K : 2 * K], params[..., 2 * K : 3 * K]  # (..., D, K)
@@ -114,30 +103,11 @@ class MixtureCDFTransform(TokenTransform):
         x: Tensor, logits: Tensor, log_norm: Tensor, means: Tensor, log_scales: Tensor
     ) -> tuple[Tensor, Tensor]:
         """logit F(x) and log d(logit F)/dx, (..., D); mixture params (..., D, K), log_norm (..., D, 1)."""
-        x_ = x.unsqueeze(-1)
-        y = (x_ - means) * torch.exp(-log_scales)  # (..., D, K)
-        diff = y - x_  # exactly 0 for a zero-param component
-        # Near the identity, the log1p/expm1 form is exactly 0 at diff = 0 whatever the kernels' rounding;
-        # elsewhere (where expm1 could overflow) the plain difference. `where`, not clamp, keeps gradients.
-        near = diff.abs() <= 1
-        diff_near = torch.where(near, diff, torch.zeros_like(diff))
-        delta_pos = torch.where(
-            near,
-            torch.log1p(torch.sigmoid(-y) * torch.expm1(diff_near)),
-            F.logsigmoid(y) - F.logsigmoid(x_),
-        )
-        delta_neg = torch.where(
-            near,
-            torch.log1p(torch.sigmoid(y) * torch.expm1(-diff_near)),
-            F.logsigmoid(-y) - F.logsigmoid(-x_),
-        )
 
-        def log_mix(v: Tensor) -> Tensor:  # L(v) = log sum_k pi_k exp(v_k), exactly 0 when v == 0
-            return (torch.logsumexp(logits + v, dim=-1, keepdim=True) - log_norm).squeeze(-1)
+        def units(x_: Tensor) -> Tensor:  # y_k = (x - mu_k) / s_k, (..., D, K)
+            return (x_ - means) * torch.exp(-log_scales)
 
-        dev_cdf, dev_sf = log_mix(delta_pos), log_mix(delta_neg)  # log F - logsig(x), log(1-F) - logsig(-x)
-        dev_pdf = log_mix(delta_pos + delta_neg - log_scales)  # log F' - log of the logistic pdf at x
-        return x + (dev_cdf - dev_sf), dev_pdf - dev_cdf - dev_sf
+        return logit_of_sigmoid_mixture(x, units, -log_scales, logits, log_norm)
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         """z = logit(F(x)) exp(a) + b; returns z (dtype of x) and log|dz/dx| (>= fp32), shape (..., D)."""
@@ -159,7 +129,7 @@ class MixtureCDFTransform(TokenTransform):
         """x with logit F(x) = target, elementwise over (..., D), by rtsafe (see the class docstring)."""
         ends = means + target.unsqueeze(-1) * torch.exp(log_scales)  # mu_k + g s_k, (..., D, K)
         lo, hi = ends.amin(dim=-1), ends.amax(dim=-1)
-        tol = max(self.inverse_tol, 16 * torch.finfo(target.dtype).eps)
+        tol = self.tolerance(target.dtype)
         x = lo + 0.5 * (hi - lo)
         step = step_before = hi - lo  # as in rtsafe: the last two steps, for the "fast enough" test
         done = step.abs() <= tol * (1 + x.abs())
@@ -182,14 +152,7 @@ class MixtureCDFTransform(TokenTransform):
             done = done | (step.abs() <= tol * (1 + x.abs()))
         unconverged = ~done
         if bool(unconverged.any()):
-            # Reported, not retried: the caller sees how many elements missed the tolerance and by how much.
-            warnings.warn(
-                f"MixtureCDFTransform.inverse: {int(unconverged.sum())} of {x.numel()} elements not within "
-                f"tol={tol:.1e} after max_iter={self.max_iter} (largest last step "
-                f"{float(step[unconverged].abs().max()):.2e})",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            self._warn_unconverged(unconverged, tol, f" (largest last step {float(step[unconverged].abs().max()):.2e})")
         return x
 
     def __repr__(self) -> str:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import math
-import warnings
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import TokenTransform, at_least_fp32
+from .base import IterativeTokenTransform, ShiftedSoftplus
+from .logistic_mixture import logit_of_sigmoid_mixture
 
 
-class DeepSigmoidalTransform(TokenTransform):
+class DeepSigmoidalTransform(IterativeTokenTransform):
     r"""Deep sigmoidal flow (DSF, Huang et al. 2018, arXiv 1804.00779) per dimension, with an output affine.
 
     One stage maps u to logit(sum_j w_j sigmoid(a_j u + b_j)) with H hidden units, a_j > 0 and w on the
@@ -71,8 +68,6 @@ class DeepSigmoidalTransform(TokenTransform):
         True
     """
 
-    closed_form_inverse = False  # bisection / Newton with a host-side stopping test: not CUDA-graph capturable
-
     INIT_SHIFT_SPREAD = 1.0  # init_head: shifts b_j evenly in [-1, 1], slopes 1, equal weights
 
     def __init__(
@@ -87,18 +82,12 @@ class DeepSigmoidalTransform(TokenTransform):
             raise ValueError(f"hidden and num_stages must be >= 1, got {hidden} and {num_stages}")
         if not 0 < min_slope < 1:
             raise ValueError(f"min_slope must lie in (0, 1), got {min_slope}")
-        if inverse_tol <= 0 or max_iter < 1:
-            raise ValueError("inverse_tol must be > 0 and max_iter >= 1")
+        super().__init__(inverse_tol, max_iter)
         self.hidden = hidden
         self.num_stages = num_stages
         self.min_slope = min_slope
-        self.inverse_tol = inverse_tol
-        self.max_iter = max_iter
         self.num_params = 3 * hidden * num_stages + 2
-        # a(p) = m + softplus(p + c) with softplus(c) = 1 - m, so that a(0) = 1 ...
-        self._slope_shift = math.log(math.expm1(1.0 - min_slope))
-        # ... and the same function written as 1 + log1p(r expm1(p)), r = sigmoid(c): exactly 1 at p = 0.
-        self._slope_rate = -math.expm1(-(1.0 - min_slope))
+        self._slope = ShiftedSoftplus(min_slope)  # a(p) = m + softplus(p + c): a(0) == 1 exactly
 
     # ------------------------------------------------------------------------------------------------------
     # Parameters
@@ -126,21 +115,9 @@ class DeepSigmoidalTransform(TokenTransform):
         H = self.hidden
         return [3 * H * k + 2 * H + j for k in range(self.num_stages) for j in range(H)]
 
-    def _slope(self, p: Tensor) -> Tensor:
-        # Two forms of one function: the p <= 0 one is exactly 1 at p = 0; softplus is the stable one for large
-        # p. `where`, not clamp: clamp's gradient vanishes at p = 0 and would freeze a zero-initialised head.
-        p_neg = torch.where(p <= 0, p, torch.zeros_like(p))
-        small = 1.0 + torch.log1p(self._slope_rate * torch.expm1(p_neg))
-        large = self.min_slope + F.softplus(p + self._slope_shift)
-        return torch.where(p <= 0, small, large)
-
     def _prepare(self, x: Tensor, params: Tensor) -> tuple[Tensor, list[tuple[Tensor, ...]], Tensor, Tensor]:
         """Cast and broadcast; split params into per-stage (slope, log slope, shift, logits, logsumexp) and s, t."""
-        if params.shape[-1] != self.num_params:
-            raise ValueError(f"{self!r} expects params[..., {self.num_params}], got {tuple(params.shape)}")
-        dtype = torch.promote_types(at_least_fp32(x).dtype, at_least_fp32(params).dtype)
-        shape = torch.broadcast_shapes(x.shape, params.shape[:-1])
-        x, params = x.to(dtype).expand(shape), params.to(dtype).expand(*shape, self.num_params)
+        x, params = self._broadcast(x, params)
         H = self.hidden
         stages = []
         for k in range(self.num_stages):
@@ -157,28 +134,11 @@ class DeepSigmoidalTransform(TokenTransform):
     def _stage(u: Tensor, stage: tuple[Tensor, ...], need_deriv: bool = True) -> tuple[Tensor, Tensor | None]:
         """One sigmoidal stage: value (..., D) and log-derivative (..., D) (None unless need_deriv)."""
         slope, log_slope, shift, logits, log_norm = stage
-        u_ = u.unsqueeze(-1)  # (..., D, 1)
-        y = slope * u_ + shift  # (..., D, H)
-        diff = y - u_  # exactly 0 for a zero-param unit
-        # Near the identity the log1p/expm1 form is exactly 0 at diff = 0 whatever the kernels' rounding;
-        # elsewhere (where expm1 could overflow) the plain difference. `where`, not clamp, keeps gradients.
-        near = diff.abs() <= 1
-        diff_near = torch.where(near, diff, torch.zeros_like(diff))
-        delta_pos = torch.where(
-            near, torch.log1p(torch.sigmoid(-y) * torch.expm1(diff_near)), F.logsigmoid(y) - F.logsigmoid(u_)
-        )
-        delta_neg = torch.where(
-            near, torch.log1p(torch.sigmoid(y) * torch.expm1(-diff_near)), F.logsigmoid(-y) - F.logsigmoid(-u_)
-        )
 
-        def log_mix(v: Tensor) -> Tensor:  # L(v) = log sum_j w_j exp(v_j), exactly 0 when v == 0
-            return (torch.logsumexp(logits + v, dim=-1, keepdim=True) - log_norm).squeeze(-1)
+        def units(u_: Tensor) -> Tensor:  # y_j = a_j u + b_j, (..., D, H)
+            return slope * u_ + shift
 
-        dev_cdf, dev_sf = log_mix(delta_pos), log_mix(delta_neg)  # log F - logsig(u), log(1-F) - logsig(-u)
-        value = u + (dev_cdf - dev_sf)
-        if not need_deriv:
-            return value, None
-        return value, log_mix(delta_pos + delta_neg + log_slope) - dev_cdf - dev_sf
+        return logit_of_sigmoid_mixture(u, units, log_slope if need_deriv else None, logits, log_norm)
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         """z = stage_S(... stage_1(x)) exp(s) + t; returns z (dtype of x) and log|dz/dx| (>= fp32), (..., D)."""
@@ -208,7 +168,7 @@ class DeepSigmoidalTransform(TokenTransform):
         return x.to(z.dtype)
 
     def _bisect(self, target: Tensor, lo: Tensor, hi: Tensor, stages: list[tuple[Tensor, ...]]) -> Tensor:
-        tol = max(self.inverse_tol, 16 * torch.finfo(target.dtype).eps)
+        tol = self.tolerance(target.dtype)
         # A point bracket is the exact root: all units of every stage coincide, e.g. zero params (bitwise
         # identity, as the contract asks) or hidden=1, where each stage is the affine map a u + b.
         exact, root = lo == hi, lo
@@ -224,14 +184,8 @@ class DeepSigmoidalTransform(TokenTransform):
         x = torch.where(exact, root, lo + 0.5 * (hi - lo))
         unconverged = (0.5 * (hi - lo) > tol * (1 + x.abs())) & ~exact
         if bool(unconverged.any()):
-            # Reported, not retried: the caller sees how many elements missed the tolerance and by how much.
-            warnings.warn(
-                f"DeepSigmoidalTransform.inverse: {int(unconverged.sum())} of {x.numel()} elements not within "
-                f"tol={tol:.1e} after max_iter={self.max_iter} halvings (largest half-width "
-                f"{float((0.5 * (hi - lo))[unconverged].max()):.2e})",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            largest = float((0.5 * (hi - lo))[unconverged].max())
+            self._warn_unconverged(unconverged, tol, f" halvings (largest half-width {largest:.2e})")
         return x
 
     def __repr__(self) -> str:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import TokenTransform, at_least_fp32
+from .base import ShiftedSoftplus, TokenTransform
 
 
 class RationalQuadraticSplineTransform(TokenTransform):
@@ -76,10 +74,7 @@ class RationalQuadraticSplineTransform(TokenTransform):
         self.min_bin_height = min_bin_height
         self.min_derivative = min_derivative
         self.num_params = 3 * num_bins - 1
-        # d(p) = m_d + softplus(p + c) with softplus(c) = 1 - m_d, so that d(0) = 1.
-        self._deriv_shift = math.log(math.expm1(1.0 - min_derivative))
-        # The same function written as 1 + log1p(r expm1(p)), r = sigmoid(c): exactly 1 at p = 0.
-        self._deriv_rate = -math.expm1(-(1.0 - min_derivative))
+        self._derivative = ShiftedSoftplus(min_derivative)  # d(p) = m_d + softplus(p + c): d(0) == 1 exactly
 
     def knots(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Knot positions in x and z and the derivatives there, each of shape (..., D, K + 1).
@@ -99,23 +94,9 @@ class RationalQuadraticSplineTransform(TokenTransform):
         ends = params.new_full((*inner.shape[:-1], 1), B)
         knots = torch.cat([-ends, inner, ends], dim=-1)  # (..., D, 2, K + 1)
 
-        p = params[..., 2 * K :]  # (..., D, K - 1)
-        # Two forms of one function: the p <= 0 one is exactly 1 at p = 0; softplus is the stable form for
-        # large p. The first sees min(p, 0) so its unused branch cannot overflow and poison gradients
-        # (where, not clamp: clamp's gradient vanishes at p = 0, which would freeze a zero-initialised head).
-        p_neg = torch.where(p <= 0, p, torch.zeros_like(p))
-        small = 1.0 + torch.log1p(self._deriv_rate * torch.expm1(p_neg))
-        large = self.min_derivative + F.softplus(p + self._deriv_shift)
-        inner_deriv = torch.where(p <= 0, small, large)
+        inner_deriv = self._derivative(params[..., 2 * K :])  # (..., D, K - 1)
         deriv = F.pad(inner_deriv, (1, 1), value=1.0)  # boundary derivatives 1 match the identity tails
         return knots[..., 0, :], knots[..., 1, :], deriv
-
-    def _prepare(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        if params.shape[-1] != self.num_params:
-            raise ValueError(f"{self!r} expects params[..., {self.num_params}], got {tuple(params.shape)}")
-        dtype = torch.promote_types(at_least_fp32(x).dtype, at_least_fp32(params).dtype)
-        shape = torch.broadcast_shapes(x.shape, params.shape[:-1])
-        return x.to(dtype).expand(shape), params.to(dtype).expand(*shape, self.num_params)
 
     @staticmethod
     def _bin(value: Tensor, knots_in: Tensor, knots_out: Tensor, deriv: Tensor) -> tuple[Tensor, ...]:
@@ -131,7 +112,7 @@ class RationalQuadraticSplineTransform(TokenTransform):
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         """z = spline(x) inside [-B, B], z = x outside; returns z (dtype of x) and log|dz/dx| (>= fp32)."""
-        xc, p = self._prepare(x, params)
+        xc, p = self._broadcast(x, params)
         knot_x, knot_z, deriv = self.knots(p)
         inside = (xc >= -self.bound) & (xc <= self.bound)
         # Tail values enter the spline as 0, so its unused branch stays finite for autograd (not clamp:
@@ -154,7 +135,7 @@ class RationalQuadraticSplineTransform(TokenTransform):
 
     def inverse(self, z: Tensor, params: Tensor) -> Tensor:
         """x = spline^{-1}(z) inside [-B, B] (closed-form quadratic root), x = z outside."""
-        zc, p = self._prepare(z, params)
+        zc, p = self._broadcast(z, params)
         knot_x, knot_z, deriv = self.knots(p)
         inside = (zc >= -self.bound) & (zc <= self.bound)
         zs = torch.where(inside, zc, torch.zeros_like(zc))
