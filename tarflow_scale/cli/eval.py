@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="Ray cluster to join (default: cluster.address, RAY_ADDRESS, else local)")
     parser.add_argument("--out", help="output folder (default: eval.out_dir, else eval/ beside the checkpoint)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also show Ray's own log lines")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.jobs=[bpd] cluster.num_workers=4")
     args = parser.parse_intermixed_args(argv)
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         label = f"--out {out_dir}" if args.out else f"eval.out_dir={out_dir}" if config.eval.out_dir else out_dir
         command = ["tarflow-eval", *(sys.argv[1:] if argv is None else argv)]
         with lock_output_dir(out_dir, label, command=" ".join(command)):  # one evaluation per output folder
-            report = evaluate(config, info, out_dir, address=args.address, argv=command)
+            report = evaluate(config, info, out_dir, address=args.address, verbose=args.verbose, argv=command)
     except (ConfigError, CheckpointError, DataError, FidError, NonFiniteSamplesError, NonFiniteResultError) as e:
         print(f"tarflow-eval: error: {e}", file=sys.stderr)
         return 2

@@ -91,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "embedded local one)")  # fmt: skip
     shards.add_argument("--shard-size", type=int_at_least(1), default=None,
                         help=f"samples per shard (default {DEFAULT_SHARD_SIZE})")  # fmt: skip
+    shards.add_argument("-v", "--verbose", action="store_true", help="also show Ray's own log lines")
     shards.add_argument("--cpus-per-worker", type=int_at_least(1), default=None, help="CPUs (torch threads) per "
                         "worker (default 1)")  # fmt: skip
     return parser.parse_args(argv)
@@ -255,6 +256,7 @@ def sample_shards(args: argparse.Namespace, checkpoint: Path, model, denoise_std
             report = sample_to_shards(
                 model, out, spec, source=str(checkpoint), num_workers=args.workers or 1, address=args.address,
                 use_gpu=use_gpu, cpus_per_worker=args.cpus_per_worker or 1, batch_size=args.batch_size, names=names,
+                verbose=args.verbose,
             )  # fmt: skip
     except SettingError as e:
         print(f"tarflow-sample: {e.at(FLAG_NAMES)}", file=sys.stderr)

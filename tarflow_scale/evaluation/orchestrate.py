@@ -111,6 +111,7 @@ def evaluate(
     checkpoint: Provenance,
     out_dir: str | Path,
     address: str | None = None,
+    verbose: bool = False,
     argv: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run config.eval.jobs on Ray workers and write OUT/metrics.json (+ PNG grids); returns the report."""
@@ -156,7 +157,7 @@ def evaluate(
     def store_for(job: str, plan: dict) -> UnitStore:
         return UnitStore(out_dir, job, {"job": job, "weights": weights, **plan})
 
-    started = init_ray(address or config.cluster.address)
+    started = init_ray(address or config.cluster.address, verbose)
     results: dict[str, Any] = {}
     try:
         pool = WorkerPool(model, config, num_workers, source=str(checkpoint.path))

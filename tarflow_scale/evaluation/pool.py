@@ -4,6 +4,7 @@ driver's progress lines."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -56,12 +57,17 @@ def _a(what: str) -> str:
     return f"{'an' if what[:1] in 'aeiou' else 'a'} {what}"
 
 
-def init_ray(address: str | None) -> bool:
-    """Join `address`, else RAY_ADDRESS, else start an embedded local cluster; True when this call started Ray."""
+def init_ray(address: str | None, verbose: bool = False) -> bool:
+    """Join `address`, else RAY_ADDRESS, else start an embedded local cluster; True when this call started Ray.
+
+    Quiet unless `verbose`: the driver's Ray logger and the workers' Ray loggers at ERROR (no start-up chatter);
+    worker warnings printed by our code and every error still reach the console."""
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, log_to_driver=True)
+    level = logging.INFO if verbose else logging.ERROR
+    runtime_env = {} if verbose else {"env_vars": {"RAY_LOGGER_LEVEL": "error"}}
+    ray.init(address=address, log_to_driver=True, logging_level=level, runtime_env=runtime_env)
     return True
 
 

@@ -173,6 +173,7 @@ def sample_to_shards(
     source: str = "the sampled model",
     num_workers: int = 1,
     address: str | None = None,
+    verbose: bool = False,
     use_gpu: bool | None = None,
     cpus_per_worker: int = 1,
     batch_size: int = 32,
@@ -218,7 +219,7 @@ def sample_to_shards(
     )  # fmt: skip
     if todo:
         start = time.perf_counter()
-        started = init_ray(address)
+        started = init_ray(address, verbose)
         try:
             gpu = _decide_gpu(use_gpu)
             spec.decoding.check(model, "cuda" if gpu else "cpu")  # SettingError before any worker starts

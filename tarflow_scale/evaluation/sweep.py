@@ -85,7 +85,7 @@ def write_plot(rows: list[dict[str, Any]], swept: list[str], best: int | None, m
         axes.set_xticks(range(len(categories)), categories)
     axes.set_xlabel(x_name)
     axes.set_ylabel(metric)
-    axes.set_title(f"{metric} against {x_name}")
+    axes.set_title(f"{metric}\nagainst {x_name}", fontsize=10)  # two lines: the metric names its features
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()
