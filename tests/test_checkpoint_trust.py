@@ -382,7 +382,7 @@ def test_a_non_finite_evaluation_result_is_one_line_and_publishes_nothing(tmp_pa
     path = export(random_model(num_classes=CLASSES), tmp_path / "m.safetensors", noise="uniform")
     nan_bpd = {"dequantized": {"mean": float("nan"), "stderr": float("nan"), "num_images": 4}}
     # The pool and the jobs are stubbed (no Ray): the results reach the real report stage.
-    monkeypatch.setattr(orchestrate, "init_ray", lambda address: False)
+    monkeypatch.setattr(orchestrate, "init_ray", lambda *a, **k: False)
     monkeypatch.setattr(orchestrate, "WorkerPool", FakePool)
     monkeypatch.setattr(orchestrate, "run_sampling", lambda *a, **k: {"num_samples": 2, "denoise": {}, "files": {}})
     monkeypatch.setattr(orchestrate, "_check_data", lambda config, split: None)
