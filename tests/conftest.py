@@ -3,6 +3,7 @@ test that starts a process (Ray, a CLI in a child process, pip, a compiler) must
 `pytest -m "not slow"` stays a fast lane; and no test may leave files in the repository."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -12,6 +13,9 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+# Ray Train's controller polls its workers every 2 s, so a finished or started worker group is noticed up to 2 s
+# late; tests launch ~30 short runs. Set before any Ray starts: Ray's processes inherit the driver's environment.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention.bias import causal_lower_right
 
 
 class LayerNorm32(nn.LayerNorm):
@@ -107,7 +106,12 @@ class CausalSelfAttention(nn.Module):
             # One query sees every key written so far (no mask); from position 0 the plain causal mask; else query
             # i (position start + i) sees keys [0, start + i], the causal mask aligned to the lower right, which
             # SDPA's fused kernels apply without materialising an (L, end) mask (~30% faster on CPU than a bool one).
-            mask = None if L == 1 or start == 0 else causal_lower_right(L, end)
+            if L == 1 or start == 0:
+                mask = None
+            else:  # imported here: torch.nn.attention.bias pulls in torch._dynamo (~1.4 s per process start)
+                from torch.nn.attention.bias import causal_lower_right
+
+                mask = causal_lower_right(L, end)
         causal = mask is None and L > 1
         return self._merge_heads(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal))
 
