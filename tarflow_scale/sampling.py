@@ -18,6 +18,8 @@ from .models.tarflow import TarFlow
 
 # Large odd multiplier so (seed, index) pairs map to well-separated generator seeds.
 _SEED_STRIDE = 1_000_003
+# Images per Tweedie forward+backward when sampling: the backward pass keeps the score's activations.
+DENOISE_BATCH_SIZE = 16
 
 
 def per_sample_noise(indices: list[int] | Tensor, shape: tuple[int, ...], seed: int, device=None, dtype=None) -> Tensor:
@@ -166,7 +168,7 @@ def sample_images(
     batch_size: int = 32,
     device: str | torch.device | None = None,
     on_batch: Callable[[int, int], None] | None = None,
-    denoise_batch_size: int = 16,
+    denoise_batch_size: int = DENOISE_BATCH_SIZE,
 ) -> Tensor:
     """Draw `num` images in one call: uint8 (num, C, H, W).
 

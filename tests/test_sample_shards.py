@@ -91,6 +91,24 @@ def test_a_worker_shard_holds_the_one_process_images_whatever_the_batch_and_shar
     assert worker.shard(1, 2)["tar"] == worker.shard(1, 4)["tar"]
 
 
+def test_the_denoising_step_of_a_shard_runs_at_the_sampling_precision():
+    """Under bf16 sampling the one-process sampler's Tweedie score runs in bf16 too; a worker's shard must hold
+    the same pixels, so that its denoising cannot have run at another precision."""
+    model = random_model(num_classes=CLASSES)
+    bf16 = Decoding(precision="bf16")
+    spec = ShardSampling(num=6, seed=4, labels="balanced", decoding=bf16, denoise_noise_std=0.5, shard_size=6)
+    labels = resolve_labels([k % CLASSES for k in range(6)], 6, CLASSES)
+    expected = sample_images(model, 6, labels=labels, decoding=bf16, noise_std=0.5, seed=4, batch_size=6)
+    undenoised = sample_images(model, 6, labels=labels, decoding=bf16, noise_std=0.5, seed=4, batch_size=6,
+                               denoise=False)  # fmt: skip
+    worker = ShardWorker(payload(model), spec, model_fingerprint(model), use_gpu=False, threads=1)
+    with tarfile.open(fileobj=io.BytesIO(worker.shard(0, 3)["tar"])) as tar:
+        images = [pixels(tar.extractfile(f"{k:09d}.png").read()) for k in range(6)]
+    assert not torch.equal(expected, undenoised), "the Tweedie step must move the pixels for this test to mean much"
+    for k, image in enumerate(images):
+        assert np.array_equal(image, expected[k].permute(1, 2, 0).numpy()), k
+
+
 def test_unlabelled_samples_carry_no_class_and_a_grayscale_model_writes_grayscale_pngs():
     model = random_model(in_channels=1)
     spec = ShardSampling(num=3, seed=1, shard_size=3)
@@ -106,10 +124,10 @@ def test_unlabelled_samples_carry_no_class_and_a_grayscale_model_writes_grayscal
 def test_the_decoder_reads_unlabelled_samples_only_where_the_manifest_has_no_classes():
     from tarflow_scale.data import DataError
     from tarflow_scale.data.decode import SampleDecoder
-    from tarflow_scale.evaluation.shard_worker import encode_png
+    from tarflow_scale.data.sources import encode_png
 
     image = torch.randint(0, 256, (3, 4, 4), dtype=torch.uint8)
-    sample = {"__key__": "000000007", "__url__": "s.tar", "png": encode_png(image)}
+    sample = {"__key__": "000000007", "__url__": "s.tar", "png": encode_png(image.permute(1, 2, 0).numpy())}
     decoded, label, key = SampleDecoder(3, 4, num_classes=0)(sample)
     assert torch.equal(decoded, image) and (label, key) == (0, "000000007")
     with pytest.raises(DataError, match="s.tar: sample '000000007' has no 'cls' field"):

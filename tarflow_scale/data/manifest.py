@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import socket
@@ -171,10 +172,10 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def tar_keys(path: str) -> set[str]:
-    """The distinct sample keys in a shard (members are `<key>.<field>`)."""
+def tar_keys(path: str, data: bytes | None = None) -> set[str]:
+    """The distinct sample keys in a shard (members are `<key>.<field>`), read from `data` (its bytes) when given."""
     keys = set()
-    with tarfile.open(path, "r") as tar:
+    with tarfile.open(fileobj=io.BytesIO(data)) if data is not None else tarfile.open(path, "r") as tar:
         for member in tar:
             if member.isreg():
                 keys.add(member.name.split(".", 1)[0])

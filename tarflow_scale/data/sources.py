@@ -26,11 +26,11 @@ def safe_key(text: str) -> str:
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 -> PNG bytes (lossless, so decoding returns the array exactly)."""
+    """(H, W, 3) or (H, W, 1) uint8 -> PNG bytes, RGB or grayscale (lossless: decoding returns the array exactly)."""
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
+    Image.fromarray(image[:, :, 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

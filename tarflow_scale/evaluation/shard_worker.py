@@ -21,16 +21,15 @@ from torch import Tensor
 
 from ..artifacts.load import build_model
 from ..config import Decoding, Guidance, model_config_from_dict
+from ..data.shards import DEFAULT_SAMPLES_PER_SHARD, SHARD_MTIME
+from ..data.sources import encode_png
 from ..models.decoding import DecodingStats
-from ..sampling import to_uint8, tweedie_denoise
+from ..sampling import DENOISE_BATCH_SIZE, to_uint8, tweedie_denoise
 from .generate import generate
 
 SHARD_NAME, SHARD_SPLIT = "samples", "train"  # shards samples-train-NNNNNN.tar, manifest train.json
-DEFAULT_SHARD_SIZE = 1000
-# Tar members get a fixed time (as tarflow-data's shards do, data/shards.py), so a shard's bytes depend only on
-# its samples: the shards of two runs with the same settings are identical files.
-SHARD_MTIME = 0
-DENOISE_BATCH_SIZE = 16  # as sample_images: the Tweedie backward pass keeps every activation
+# Tar members get tarflow-data's fixed time (SHARD_MTIME), so a shard's bytes depend only on its samples: the
+# shards of two runs with the same settings are identical files.
 
 
 def sample_key(index: int) -> str:
@@ -51,7 +50,7 @@ class ShardSampling:
     guidance: Guidance = field(default_factory=Guidance)
     decoding: Decoding = field(default_factory=Decoding)
     denoise_noise_std: float = 0.0  # > 0: one Tweedie step with this std (the training noise); 0: not denoised
-    shard_size: int = DEFAULT_SHARD_SIZE  # samples per shard; shard i holds indices [i S, (i+1) S)
+    shard_size: int = DEFAULT_SAMPLES_PER_SHARD  # samples per shard; shard i holds indices [i S, (i+1) S)
     max_redraws: int = 10  # a non-finite sample is redrawn at most this many times, then an error
 
     def __post_init__(self) -> None:
@@ -87,16 +86,6 @@ class ShardSampling:
     def record(self) -> dict[str, Any]:
         """The settings as JSON-able values (tuples as lists), as stored beside the shards and in each sample."""
         return json.loads(json.dumps(asdict(self)))
-
-
-def encode_png(pixels: Tensor) -> bytes:
-    """(C, H, W) uint8 -> PNG bytes, as `tarflow-sample` writes each k.png (grayscale for one channel)."""
-    from PIL import Image
-
-    array = pixels.permute(1, 2, 0).numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(array[:, :, 0] if array.shape[-1] == 1 else array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def pack_shard(samples: list[dict[str, Any]]) -> bytes:
@@ -151,11 +140,14 @@ class ShardWorker:
             )  # fmt: skip
             redrawn += count
             if spec.denoise_noise_std > 0:
-                x = tweedie_denoise(model, x, spec.denoise_noise_std, labels, batch_size=DENOISE_BATCH_SIZE)
+                x = tweedie_denoise(
+                    model, x, spec.denoise_noise_std, labels, batch_size=DENOISE_BATCH_SIZE,
+                    precision=spec.decoding.precision,
+                )  # fmt: skip
             pixels = to_uint8(x).cpu()
             for k, (index, image) in enumerate(zip(batch, pixels)):
                 label = None if labels is None else int(labels[k])
-                sample = {"__key__": sample_key(index), "png": encode_png(image)}
+                sample = {"__key__": sample_key(index), "png": encode_png(image.permute(1, 2, 0).numpy())}
                 if label is not None:
                     sample["cls"] = str(label).encode("ascii")
                 meta = {"index": index, "label": label, **self.settings}
