@@ -1,11 +1,13 @@
 """Atomic file writes: a temporary file in the destination folder, fsynced, then renamed over the final name.
 
 A reader (a resumed run, an export, a second evaluation) sees either the old file or the whole new one, never a
-half-written one; a full disk or a kill mid-write leaves at most a `.NAME.PID.tmp` file, removed on error.
+half-written one; a full disk or a kill mid-write leaves at most a `.NAME.PID.tmp` file, removed on error. A write
+that fails for a reason the user must act on (`is_storage_error`) becomes one line naming the path.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,3 +49,30 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+# Errors of the file system the user can act on (free space, fix permissions, choose another folder): one line
+# naming the path, not a traceback.
+STORAGE_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+}
+
+
+def is_storage_error(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in STORAGE_ERRNOS
+
+
+def storage_error_line(error: OSError) -> str:
+    """`No space left on device: /runs/x/.config.yaml.123.tmp`: the OS's reason and the path it names."""
+    where = error.filename or ""
+    if error.filename2:
+        where += f" -> {error.filename2}"
+    reason = error.strerror or str(error)
+    return f"{reason}: {where}" if where else reason

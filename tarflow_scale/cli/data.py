@@ -7,7 +7,8 @@ import glob
 import os
 import sys
 
-from tarflow_scale.cli.common import int_at_least, is_storage_error, storage_error_line
+from tarflow_scale.atomic import is_storage_error, storage_error_line
+from tarflow_scale.cli.common import int_at_least
 from tarflow_scale.data import DataError, FolderSource, NpzSource, build_bundled, read_manifest, verify, write_split
 from tarflow_scale.data.shards import DEFAULT_SAMPLES_PER_SHARD
 

@@ -17,7 +17,7 @@ import sys
 
 import yaml
 
-from tarflow_scale.cli.common import is_storage_error, storage_error_line
+from tarflow_scale.atomic import is_storage_error, storage_error_line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ import sys
 
 from tarflow_scale.artifacts import CheckpointError, export_checkpoint, export_model_dir
 from tarflow_scale.artifacts.weights import MAX_ABS_WEIGHT
-from tarflow_scale.cli.common import is_storage_error, storage_error_line
+from tarflow_scale.atomic import is_storage_error, storage_error_line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def sample_shards(args: argparse.Namespace, checkpoint: Path, model, denoise_std: float) -> int:
     """--format shards: the sampling settings assembled, the output folder locked, the Ray workers run."""
-    from tarflow_scale.cli.common import is_storage_error, storage_error_line
+    from tarflow_scale.atomic import is_storage_error, storage_error_line
     from tarflow_scale.config import ConfigError
     from tarflow_scale.data import DataError
     from tarflow_scale.evaluation.generate import NonFiniteSamplesError

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from tarflow_scale.cli.common import is_storage_error, storage_error_line
+from tarflow_scale.atomic import is_storage_error, storage_error_line
 from tarflow_scale.config import ConfigError, RunConfig, load_config, to_dict
 
 

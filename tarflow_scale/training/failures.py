@@ -9,7 +9,6 @@ so `ReliableTorchTrainer` swaps it in at `_initialize_and_run_controller` (pinne
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import sys
@@ -23,6 +22,7 @@ from ray.train.v2._internal.execution.failure_handling.failure_policy import Fai
 from ray.train.v2.api.exceptions import WorkerGroupError
 
 from ..artifacts.weights import CheckpointError
+from ..atomic import is_storage_error
 from ..config import ConfigError, RunConfig
 from ..config.memory import GIB, usable_bytes
 from ..data import DataError
@@ -70,17 +70,14 @@ def out_of_memory_error(config: RunConfig, error: BaseException) -> GPUOutOfMemo
     )
 
 
-# A worker's file-system error the user must act on (free space, fix permissions); Ray retries it like a process death.
-STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
-
-
 def storage_failure(error: BaseException) -> str | None:
-    """`[Errno 28] No space left on device: '/runs/x/...'` when a worker failed on a full or read-only disk."""
+    """`[Errno 28] No space left on device: '/runs/x/...'` when a worker failed on a file-system error the user must
+    act on (atomic.is_storage_error: a full or read-only disk, permissions); Ray retries it like a process death."""
     if isinstance(error, WorkerGroupError):
         for failure in error.worker_failures.values():
             cause = getattr(failure, "cause", failure)  # Ray's RayTaskError keeps the worker's exception here
             for candidate in (failure, cause):
-                if isinstance(candidate, OSError) and candidate.errno in STORAGE_ERRNOS:
+                if is_storage_error(candidate):
                     where = f": {candidate.filename!r}" if candidate.filename else ""
                     return f"[Errno {candidate.errno}] {candidate.strerror or os.strerror(candidate.errno)}{where}"
     return None
