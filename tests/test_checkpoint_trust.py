@@ -327,6 +327,32 @@ def test_the_seal_records_the_checksums_the_ranks_computed_before_upload(tmp_pat
         latest_checkpoint(stored)
 
 
+def test_a_process_adopting_the_driver_s_verification_hashes_only_what_changed_since(tmp_path, monkeypatch):
+    """The driver hashes the checkpoint a run resumes from; rank 0, handed that verification, does not hash the
+    unchanged folder again, but does hash (and catches) one whose files changed after the driver looked."""
+    from tarflow_scale.artifacts import checkpoints
+
+    folder = fake_checkpoint(tmp_path)
+    monkeypatch.setattr(checkpoints, "_VERIFIED", {})
+    latest_checkpoint(folder)  # the driver: hashes every file
+    handed = checkpoints.verified_signatures()
+    assert str(folder.resolve()) in handed
+
+    monkeypatch.setattr(checkpoints, "_VERIFIED", {})  # rank 0: another process
+    hashed = []
+    real = checkpoints._hash_files
+    monkeypatch.setattr(checkpoints, "_hash_files", lambda paths: hashed.extend(paths) or real(paths))
+    checkpoints.adopt_verified(handed)
+    assert latest_checkpoint(folder) == folder and hashed == []
+    damaged = folder / "step_00000010" / "mp_rank_00_model_states.pt"
+    os.chmod(damaged, 0o644)
+    flip_byte(damaged)
+    os.utime(damaged, ns=(0, 1))  # changed after the driver's look, whatever the clock's resolution
+    with pytest.raises(CheckpointError, match="differs from the sha256"):
+        latest_checkpoint(folder)
+    assert hashed, "a file that changed since the driver's verification is hashed again"
+
+
 def test_a_checkpoint_without_checksums_or_with_an_added_file_is_damaged(tmp_path):
     folder = fake_checkpoint(tmp_path)
     marker = folder / COMPLETE_FILE

@@ -179,6 +179,19 @@ def complete_checkpoints(run_dir: str | Path, warn: bool = True) -> list[Path]:
 _VERIFIED: dict[str, tuple] = {}
 
 
+def verified_signatures() -> dict[str, tuple]:
+    """The folders this process verified and their files' signatures then, for another process to adopt."""
+    return dict(_VERIFIED)
+
+
+def adopt_verified(signatures: dict[str, tuple]) -> None:
+    """Take another process's verifications (the driver's, handed to the training workers): a folder whose files
+    still have the recorded (name, size, mtime, inode) here is not hashed again; one that changed since, or that
+    reads otherwise on this node, is."""
+    for key, signature in signatures.items():
+        _VERIFIED.setdefault(key, tuple(tuple(entry) for entry in signature))
+
+
 def _signature(checkpoint_dir: Path) -> tuple:
     paths = [checkpoint_dir / COMPLETE_FILE, *_listed_files(checkpoint_dir)]
     return tuple((p.name, s.st_size, s.st_mtime_ns, s.st_ino) for p in paths for s in [p.stat()])

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..artifacts.checkpoints import checkpoint_step, complete_checkpoints
+from ..artifacts.checkpoints import checkpoint_step, complete_checkpoints, verified_signatures
 from ..artifacts.exports import EXPORT_NAME
 from ..capacity import WorkerRequest, wait_for_capacity
 from ..config import ConfigError, RunConfig, local_run_dir, to_dict
@@ -179,7 +179,7 @@ def _launch_locked(
         repair_ray_snapshot,
         stop_requested,
     )
-    from .trainer import FAULT_AT_STEP_ENV, TRUST_KEY, train_worker
+    from .trainer import FAULT_AT_STEP_ENV, TRUST_KEY, VERIFIED_KEY, train_worker
 
     plan = check_resume(config, tuple(allow_config_change), trust_checkpoint)
     for key, (old, new) in plan.allowed_changes.items():
@@ -203,7 +203,12 @@ def _launch_locked(
     trainer = ReliableTorchTrainer(
         train_worker,
         stop_dir=run_dir,
-        train_loop_config={**to_dict(config), CONSOLE_KEY: console.to_dict(), TRUST_KEY: trust_checkpoint},
+        train_loop_config={
+            **to_dict(config),
+            CONSOLE_KEY: console.to_dict(),
+            TRUST_KEY: trust_checkpoint,
+            VERIFIED_KEY: verified_signatures(),  # check_resume hashed the checkpoint it resumes from
+        },
         scaling_config=ScalingConfig(
             num_workers=config.cluster.num_workers, use_gpu=config.cluster.use_gpu, resources_per_worker=resources
         ),

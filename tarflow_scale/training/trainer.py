@@ -25,6 +25,7 @@ from torch import nn
 from ..artifacts.checkpoints import (
     CONFIG_FILE,
     EMA_FILE,
+    adopt_verified,
     check_trusted,
     complete_checkpoints,
     latest_checkpoint,
@@ -57,6 +58,9 @@ FAULT_AT_STEP_ENV = "TARFLOW_FAULT_AT_STEP"
 FAULT_MARKER = ".fault_injected"
 # launch() passes --trust-checkpoint to the workers under this key of the train loop config (not a run setting).
 TRUST_KEY = "_trust_checkpoint"
+# ... and the checkpoints the driver verified before starting them (artifacts/checkpoints.py verified_signatures):
+# rank 0 does not hash a checkpoint again that the driver just hashed and that has not changed since.
+VERIFIED_KEY = "_verified_checkpoints"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -352,6 +356,7 @@ def train_worker(config_dict: dict) -> None:
     config_dict = dict(config_dict)
     console = ConsoleOptions.from_dict(config_dict.pop("_console", None))
     trust = bool(config_dict.pop(TRUST_KEY, False))
+    adopt_verified(config_dict.pop(VERIFIED_KEY, {}))
     apply_worker_settings(console)
     config: RunConfig = from_dict(RunConfig, config_dict).validate()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if config.cluster.use_gpu else "cpu")
