@@ -82,6 +82,20 @@ class ResumePlan:
     allowed_changes: dict[str, tuple[Any, Any]]  # differences accepted (safe, or named in --allow-config-change)
 
 
+def resume_source(config: RunConfig) -> Path | None:
+    """Where a run resumes from: its own run_dir once that holds a complete checkpoint, else `train.resume_from` (a
+    run directory or one checkpoint folder), else None (a fresh start). The driver and the workers both ask."""
+    run_dir = Path(config.run_dir)
+    if run_dir.is_dir() and complete_checkpoints(run_dir, warn=False):
+        return run_dir
+    if config.train.resume_from:
+        source = Path(config.train.resume_from)
+        if not source.is_dir():
+            raise ConfigError(f"train.resume_from={source} does not exist")
+        return source
+    return None
+
+
 def check_resume(config: RunConfig, allow_changes: tuple[str, ...] = (), trust: bool = False) -> ResumePlan:
     """Find what this run resumes from and refuse a config it cannot continue; raises ConfigError naming every key.
 
@@ -90,17 +104,10 @@ def check_resume(config: RunConfig, allow_changes: tuple[str, ...] = (), trust: 
     A world-size change is refused next (a ZeRO checkpoint resumes only at the same data-parallel size). Other
     differences from the checkpoint's config are refused unless safe or named in `allow_changes`.
     """
-    run_dir = Path(config.run_dir)
-    own = complete_checkpoints(run_dir, warn=False) if run_dir.is_dir() else []
-    if own:
-        checkpoint = latest_checkpoint(run_dir)  # warns about each incomplete or damaged folder it skips
-    elif config.train.resume_from:
-        checkpoint = Path(config.train.resume_from)
-        if not checkpoint.is_dir():
-            raise ConfigError(f"train.resume_from={checkpoint} does not exist")
-        checkpoint = latest_checkpoint(checkpoint)
-    else:
+    source = resume_source(config)
+    if source is None:
         return ResumePlan(None, {})
+    checkpoint = latest_checkpoint(source)  # warns about each incomplete or damaged folder it skips
     check_trusted(checkpoint, trust)
     saved = read_run_config(checkpoint)
     if saved.cluster.num_workers != config.cluster.num_workers:
@@ -110,7 +117,8 @@ def check_resume(config: RunConfig, allow_changes: tuple[str, ...] = (), trust: 
             f"cluster.num_workers={saved.cluster.num_workers}, or export it with tarflow-export and start a new run "
             "with train.resume_from pointing at a checkpoint of that size)"
         )
-    if not own:  # train.resume_from: another run's weights, a deliberate new start; only the world size matters
+    run_dir = Path(config.run_dir)
+    if source != run_dir:  # train.resume_from: another run's weights, a deliberate new start; only world size matters
         return ResumePlan(checkpoint, {})
     unknown = [k for k in allow_changes if k not in flatten(to_dict(config))]
     if unknown:

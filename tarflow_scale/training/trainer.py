@@ -48,7 +48,7 @@ from ..seeding import derive_seed
 from .console import ConsoleOptions, apply_worker_settings, held_stdout
 from .deepspeed_config import build_deepspeed_config, describe_precision, precision_warning, resolve_precision
 from .metrics import MetricsLogger, emit
-from .run_state import stop_requested
+from .run_state import resume_source, stop_requested
 from .schedule import make_scheduler
 
 # Test hook, not a user setting: with TARFLOW_FAULT_AT_STEP=N in the driver's environment the last rank kills its
@@ -293,14 +293,8 @@ def _chosen_checkpoint(config: RunConfig, rank: int, device: torch.device) -> Pa
     """The checkpoint every rank resumes from: the newest intact one of run_dir, else of `train.resume_from`.
     Collective: rank 0 alone verifies the checksums (reading the checkpoint once, not once per rank) and the others
     take the folder it chose."""
-    run_dir = Path(config.run_dir)  # a local (or mounted) path: launch() resolved it with config.local_run_dir
-    if complete_checkpoints(run_dir, warn=False):
-        source = run_dir
-    elif config.train.resume_from:
-        source = Path(config.train.resume_from)
-        if not source.is_dir():
-            raise ConfigError(f"train.resume_from={config.train.resume_from} does not exist")
-    else:
+    source = resume_source(config)  # run_dir is a local (or mounted) path: launch() resolved it
+    if source is None:
         return None
     candidates = complete_checkpoints(source, warn=False) or [source]  # a run directory, or a checkpoint itself
     chosen = candidates.index(latest_checkpoint(source)) if rank == 0 else 0
