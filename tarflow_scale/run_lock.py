@@ -79,9 +79,7 @@ def _read_holder(path: Path) -> LockHolder | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         return LockHolder(**data)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError):  # FileNotFoundError included: the holder has just released it
         return None
 
 

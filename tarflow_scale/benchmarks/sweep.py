@@ -133,13 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             _evaluate(checkpoint, folder / "reference", [*common, "eval.jobs=[fid_stats]"])  # untimed: cached stats
             singles = []
             for i, point in enumerate(points):
-                values = point.values()
-                setting = [
-                    f"eval.guidance.weight={values['guidance.weight']}",
-                    f"eval.guidance.attn_temp={values['guidance.attn_temp']}",
-                    f"eval.denoise_step={values['denoise_step']}",
-                    f"eval.decoding.mode={values['decoding.mode']}",
-                ]
+                setting = [f"eval.{name}={value}" for name, value in point.values().items()]  # named as under eval
                 cost = _evaluate(checkpoint, folder / f"single_{i}", [*common, *setting], args.repeats)
                 singles.append((point.label(swept), cost))
             sweep = _evaluate(checkpoint, folder / "sweep", [*common, *sweep_args], args.repeats)

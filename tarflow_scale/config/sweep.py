@@ -124,11 +124,12 @@ class SweepConfig:
         self._check_values(prefix)
         section = prefix.removesuffix("sweep.")
         grid = [[(key, i, value) for i, value in enumerate(getattr(self, key))] or [(key, None, None)] for key in SWEPT]
+        # The Guidance / Decoding field each list sets (weight, attn_temp, mode): a SettingError names it.
+        fields = {key: name.split(".")[1] for key, name in SWEPT.items() if "." in name}
         points = []
         for combination in itertools.product(*grid):
             chosen = {key: (i, value) for key, i, value in combination if i is not None}
-            names = {"guidance": "weight", "attn_temp": "attn_temp", "decoding_mode": "mode"}
-            swept = {names[k]: f"{prefix}{k}[{i}]" for k, (i, _) in chosen.items() if k in names}
+            swept = {fields[k]: f"{prefix}{k}[{i}]" for k, (i, _) in chosen.items() if k in fields}
             try:
                 g = dataclasses.replace(
                     guidance,

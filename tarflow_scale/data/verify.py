@@ -29,12 +29,12 @@ def verify(root: str, manifest: Manifest, deep: bool = False) -> list[str]:
         if not os.path.isfile(path):
             problems.append(f"{path}: missing")
             continue
+        if manifest.shard_bytes and os.path.getsize(path) != manifest.shard_bytes[index]:  # no read needed
+            problems.append(f"{path}: size differs from the manifest's shard_bytes")
+            continue
         actual = file_sha256(path)
         if actual != digest:
             problems.append(f"{path}: sha256 {actual[:12]}... does not match the manifest's {digest[:12]}...")
-            continue
-        if manifest.shard_bytes and os.path.getsize(path) != manifest.shard_bytes[index]:
-            problems.append(f"{path}: size differs from the manifest's shard_bytes")
             continue
         if decoder is not None:
             problems += _sample_problems(path, count, decoder)

@@ -120,9 +120,9 @@ def _png_set(folder: Path, channels: int, image_size: int) -> SampleSet:
             )
         stat = path.stat()
         digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    first = SampleSet("png", str(folder), "", len(files), channels, image_size, "", tuple(files))
-    next(read_batches(first.range(0, 1), 1))  # the first image decoded in full (transparency shows only here)
-    return SampleSet("png", str(folder), "", len(files), channels, image_size, digest.hexdigest(), tuple(files))
+    found = SampleSet("png", str(folder), "", len(files), channels, image_size, digest.hexdigest(), tuple(files))
+    next(read_batches(found.range(0, 1), 1))  # the first image decoded in full (transparency shows only here)
+    return found
 
 
 def find_sample_set(path: str, split: str, channels: int, image_size: int) -> SampleSet:
